@@ -1,0 +1,205 @@
+"""The kombu/py-amqp edge: connections, declarations, confirmed publishing.
+
+Third-party broker exceptions are translated into :mod:`dispatch.errors` here.
+Declarations happen once per connection, never per job.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import amqp
+import amqp.exceptions
+import kombu
+import kombu.exceptions
+
+from dispatch import topology
+from dispatch.errors import (
+    BrokerError,
+    BrokerUnreachableError,
+    PublishNackedError,
+    UnroutableError,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HEARTBEAT_S = 30
+PERSISTENT = 2
+
+#: Errors that mean the connection or channel is gone and must be rebuilt.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    amqp.exceptions.ConnectionError,
+    amqp.exceptions.ChannelError,
+    kombu.exceptions.OperationalError,
+    ConnectionError,
+    socket.error,
+    OSError,
+)
+
+
+def connect(url: str, *, heartbeat_s: int = DEFAULT_HEARTBEAT_S,
+            connect_timeout_s: float = 10.0) -> kombu.Connection:
+    """Open a connection with heartbeats on; raise BrokerUnreachableError when none can be made."""
+    conn = kombu.Connection(url, heartbeat=heartbeat_s, connect_timeout=connect_timeout_s)
+    try:
+        conn.connect()
+    except CONNECTION_ERRORS as exc:
+        conn.release()
+        raise BrokerUnreachableError(f"cannot reach broker at {safe_url(url)}: {exc}") from exc
+    return conn
+
+
+def safe_url(url: str) -> str:
+    """Return ``url`` with any password masked, for logs and error messages."""
+    try:
+        return str(kombu.Connection(url).as_uri(include_password=False))
+    except Exception:  # noqa: BLE001 - a malformed URL is still not to be printed whole
+        return "<broker url>"
+
+
+@contextmanager
+def translated(action: str) -> Iterator[None]:
+    """Translate broker-library exceptions raised inside the block into BrokerError."""
+    try:
+        yield
+    except amqp.exceptions.NotFound as exc:
+        raise BrokerError(f"{action}: {exc.reply_text}") from exc
+    except amqp.exceptions.AccessRefused as exc:
+        raise BrokerError(f"{action}: access refused: {exc.reply_text}") from exc
+    except amqp.exceptions.PreconditionFailed as exc:
+        raise BrokerError(f"{action}: {exc.reply_text}") from exc
+    except CONNECTION_ERRORS as exc:
+        raise BrokerUnreachableError(f"{action}: connection lost: {exc}") from exc
+
+
+def declare_pool(channel: amqp.Channel, pool: str) -> str:
+    """Declare the jobs exchange, the pool's queue and its binding; return the queue name."""
+    queue = topology.pool_queue(pool)
+    exchange = topology.jobs_exchange()
+    declare_dead_letter(channel)
+    channel.exchange_declare(exchange, "direct", durable=True, auto_delete=False)
+    channel.queue_declare(queue, durable=True, auto_delete=False,
+                          arguments=topology.pool_queue_arguments())
+    channel.queue_bind(queue, exchange, routing_key=pool)
+    return queue
+
+
+def declare_dead_letter(channel: amqp.Channel) -> None:
+    """Declare the dead-letter exchange and the queue that keeps what reaches it."""
+    dlx = topology.dead_letter_exchange()
+    channel.exchange_declare(dlx, "fanout", durable=True, auto_delete=False)
+    channel.queue_declare(topology.dead_letter_queue(), durable=True, auto_delete=False)
+    channel.queue_bind(topology.dead_letter_queue(), dlx, routing_key="")
+
+
+def declare_custom(channel: amqp.Channel, exchange: str, routing_key: str, queue: str) -> str:
+    """Declare a queue bound to any exchange, as HTCondor's example topology wants.
+
+    ``amq.*`` exchanges exist already and may only be declared passively.
+    """
+    if exchange.startswith("amq."):
+        channel.exchange_declare(exchange, "direct", passive=True)
+    elif exchange:
+        channel.exchange_declare(exchange, "direct", durable=True, auto_delete=False)
+    channel.queue_declare(queue, durable=True, auto_delete=False)
+    if exchange:
+        channel.queue_bind(queue, exchange, routing_key=routing_key)
+    return queue
+
+
+def declare_reply_queue(channel: amqp.Channel, client_id: str) -> str:
+    """Declare a client's durable reply queue, which expires after days unused."""
+    queue = topology.reply_queue(client_id)
+    channel.queue_declare(queue, durable=True, auto_delete=False, exclusive=False,
+                          arguments=topology.reply_queue_arguments())
+    return queue
+
+
+def message(body: bytes, headers: dict[str, Any], **properties: Any) -> amqp.Message:
+    """Build a persistent AMQP message."""
+    properties.setdefault("delivery_mode", PERSISTENT)
+    if body and "content_encoding" not in properties:
+        properties["content_encoding"] = "binary"
+    return amqp.Message(body, application_headers=headers, **properties)
+
+
+class Confirms:
+    """Publisher confirms on one py-amqp channel, tracked by sequence number.
+
+    ``publish`` never blocks for the confirm: it returns the sequence number, and
+    ``on_settled(seq, ok)`` callbacks run from inside ``drain_events`` when the broker
+    answers. ``wait_for(seq)`` blocks, for callers that want synchronous confirms.
+    Returned (unroutable, mandatory) messages are reported to ``on_return``.
+    """
+
+    def __init__(self, channel: amqp.Channel,
+                 on_return: Callable[[amqp.Message, str], None] | None = None) -> None:
+        self.channel = channel
+        self._next_seq = 1
+        self._pending: dict[int, Callable[[bool], None] | None] = {}
+        self._settled: dict[int, bool] = {}
+        self._on_return = on_return
+        channel.confirm_select()
+        channel.events["basic_ack"].add(self._acked)
+        channel.events["basic_nack"].add(self._nacked)
+        channel.events["basic_return"].add(self._returned)
+
+    @property
+    def outstanding(self) -> int:
+        """Return how many publishes await the broker's confirm."""
+        return len(self._pending)
+
+    def publish(self, msg: amqp.Message, exchange: str, routing_key: str, *,
+                mandatory: bool = True,
+                on_settled: Callable[[bool], None] | None = None) -> int:
+        """Publish ``msg`` and return its sequence number; the confirm arrives later."""
+        seq = self._next_seq
+        self._next_seq += 1
+        self._pending[seq] = on_settled
+        self.channel.basic_publish(msg, exchange=exchange, routing_key=routing_key,
+                                   mandatory=mandatory)
+        return seq
+
+    def wait_for(self, seq: int, timeout_s: float = 30.0) -> None:
+        """Block until ``seq`` is confirmed; raise PublishNackedError or BrokerError."""
+        deadline = time.monotonic() + timeout_s
+        conn = self.channel.connection
+        while seq in self._pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BrokerError(f"no publisher confirm within {timeout_s:.0f} s")
+            try:
+                conn.drain_events(timeout=min(left, 1.0))
+            except TimeoutError:
+                continue
+        if not self._settled.pop(seq, True):
+            raise PublishNackedError("the broker refused the message (basic.nack)")
+
+    def _settle(self, tag: int, multiple: bool, ok: bool) -> None:
+        tags = [t for t in self._pending if t <= tag] if multiple else [tag]
+        for t in tags:
+            callback = self._pending.pop(t, None)
+            if callback is not None:
+                callback(ok)
+            elif not ok:
+                self._settled[t] = ok
+
+    def _acked(self, delivery_tag: int, multiple: bool) -> None:
+        self._settle(delivery_tag, multiple, True)
+
+    def _nacked(self, delivery_tag: int, multiple: bool) -> None:
+        self._settle(delivery_tag, multiple, False)
+
+    def _returned(self, exc: Exception, exchange: str, routing_key: str,
+                  msg: amqp.Message) -> None:
+        reason = getattr(exc, "reply_text", str(exc))
+        if self._on_return is not None:
+            self._on_return(msg, f"{reason} (exchange {exchange!r}, key {routing_key!r})")
+        else:
+            log.warning("message returned by the broker: %s, key %r", reason, routing_key)
+

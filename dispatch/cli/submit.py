@@ -1,0 +1,205 @@
+"""``dispatch submit`` and ``dispatch wait``: qsub and qwait for the fast path."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dispatch.client import Client, JobHandle
+from dispatch.config import Settings
+from dispatch.errors import InvalidJobFileError, JobTimeoutError
+from dispatch.job import JobState
+from dispatch.jobfile import load, parse_priority, parse_requirement_string, spec_from_fields
+from dispatch.progress import Progress
+from dispatch.result import JobResult
+
+from . import output
+
+EXIT_TIMEOUT = 124
+JOBFILE_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def broker_option(f: Any) -> Any:
+    """Add ``--broker`` (default: DISPATCH_BROKER_URL) to a command."""
+    return click.option("--broker", envvar="DISPATCH_BROKER_URL", show_envvar=True,
+                        help="AMQP URL of the broker.")(f)
+
+
+def client_for(broker: str | None, client_id: str | None) -> Client:
+    """Return a client with this user's stable client id (or ``client_id``)."""
+    settings = Settings.from_env()
+    settings = replace(settings, client_id=client_id or settings.client_id)
+    return Client(broker or settings.broker_url, client_id=settings.stable_client_id())
+
+
+@click.command("submit")
+@click.argument("jobfile", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.option("-c", "--cmd", "shell_cmd", metavar="CMD", help="Run CMD with /bin/sh -c.")
+@click.option("-r", "--requirements", "reqs", metavar="REQS",
+              help='Override requirements, e.g. "cpus: 2; memory: 4G; time_limit: 1h".')
+@click.option("--pool", envvar="DISPATCH_POOL", help="Pool to submit to (default: default).")
+@click.option("--priority", metavar="low|med|high|0-9", help="Job priority.")
+@click.option("--input", "inputs", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="File or directory to ship with the job (repeatable).")
+@click.option("-e", "--env", "env", multiple=True, metavar="NAME=VALUE",
+              help="Environment variable for the job (repeatable).")
+@click.option("--name", help="A name for listings.")
+@click.option("--wait", "wait_", is_flag=True, help="Wait, show progress, unpack the result.")
+@click.option("--timeout", "timeout_s", type=float, help="With --wait: give up after SECONDS.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where results are unpacked (default ./dispatch-results).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--client-id", help="Reply queue to use (default: this user's).")
+@broker_option
+@click.pass_context
+def submit_command(ctx: click.Context, jobfile: Path | None, command: tuple[str, ...],
+                   **opts: Any) -> None:
+    """Submit a job from JOBFILE, -c CMD, or -- CMD ARGS...; print its id."""
+    if jobfile is not None and (command or jobfile.suffix not in JOBFILE_SUFFIXES):
+        command, jobfile = (str(jobfile), *command), None  # `submit -- CMD ARGS...`
+    fields = _fields(jobfile, command, opts)
+    base = jobfile.parent if jobfile else Path()
+    spec = spec_from_fields(fields, base)
+    with client_for(opts["broker"], opts["client_id"]) as client:
+        handle = client.submit(spec)
+        if not opts["wait_"]:
+            click.echo(json.dumps({"job_id": handle.job_id}) if opts["as_json"] else handle.job_id)
+            return
+        out_dir = opts["out_dir"] or Settings.from_env().results_dir
+        code = follow(handle, out_dir, opts["timeout_s"], opts["as_json"])
+    ctx.exit(code)
+
+
+def _fields(jobfile: Path | None, command: tuple[str, ...], opts: dict[str, Any]) -> dict[str, Any]:
+    fields: dict[str, Any] = load(jobfile) if jobfile else {}
+    if opts["shell_cmd"]:
+        fields["command"] = ["/bin/sh", "-c", opts["shell_cmd"]]
+    elif command:
+        fields["command"] = list(command)
+    if "command" not in fields:
+        raise InvalidJobFileError("no command: give a JOBFILE, -c CMD or -- CMD ARGS",
+                                  field="command")
+    if opts["reqs"]:
+        fields["requirements"] = {**(fields.get("requirements") or {}),
+                                  **parse_requirement_string(opts["reqs"])}
+    if opts["pool"]:
+        fields["pool"] = opts["pool"]
+    if opts["priority"] is not None:
+        fields["priority"] = parse_priority(opts["priority"])
+    if opts["inputs"]:
+        fields["inputs"] = [*(fields.get("inputs") or []), *map(str, opts["inputs"])]
+    if opts["env"]:
+        fields["environment"] = {**(fields.get("environment") or {}), **_env(opts["env"])}
+    if opts["name"]:
+        fields["name"] = opts["name"]
+    return fields
+
+
+def _env(pairs: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise InvalidJobFileError(f"{pair!r} is not NAME=VALUE", field="environment")
+        out[name] = value
+    return out
+
+
+def follow(handle: JobHandle, out_dir: Path, timeout_s: float | None, as_json: bool) -> int:
+    """Show a job's progress until its final reply, save the result, return its exit status."""
+    progress = Progress(enabled=not as_json)
+    progress.status(f"{handle.job_id}: submitted, waiting for a node")
+    try:
+        for update in handle.updates(timeout_s):
+            if update.state is JobState.RUNNING:
+                progress.status(f"{handle.job_id}: running on {update.host}")
+    except JobTimeoutError as exc:
+        progress.close()
+        click.echo(f"dispatch: {exc}", err=True)
+        return EXIT_TIMEOUT
+    progress.close()
+    assert handle.last is not None
+    return report(JobResult(handle.last), out_dir, as_json)
+
+
+def report(result: JobResult, out_dir: Path, as_json: bool) -> int:
+    """Save a final result, print it, and return the exit status it stands for."""
+    record = output.update_record(result.update)
+    if result.state is JobState.REJECTED:
+        if as_json:
+            click.echo(json.dumps(record))
+        else:
+            click.echo(f"dispatch: job {result.job_id} rejected: {result.reason}", err=True)
+        return 125
+    dest = output.save(result, out_dir)
+    record["directory"] = str(dest)
+    if as_json:
+        click.echo(json.dumps(record))
+    else:
+        click.echo(f"{output.describe(result.update)} -> {dest}", err=True)
+    return output.shell_status(record)
+
+
+@click.command("wait")
+@click.argument("job_ids", nargs=-1, required=True)
+@click.option("--timeout", "timeout_s", type=float, help="Give up after SECONDS.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where results are unpacked (default ./dispatch-results).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON line per job.")
+@click.option("--client-id", help="Reply queue the jobs were submitted with.")
+@broker_option
+@click.pass_context
+def wait_command(ctx: click.Context, job_ids: tuple[str, ...], timeout_s: float | None,
+                 out_dir: Path | None, as_json: bool, client_id: str | None,
+                 broker: str | None) -> None:
+    """Wait for jobs submitted earlier; unpack their results; exit with their status."""
+    out_dir = out_dir or Settings.from_env().results_dir
+    statuses: dict[str, int] = {}
+    pending = []
+    for job_id in job_ids:
+        record = output.load_saved(out_dir, job_id)
+        if record is not None:
+            statuses[job_id] = output.shell_status(record)
+            click.echo(json.dumps(record) if as_json else f"{job_id}  already done", err=not as_json)
+        else:
+            pending.append(job_id)
+    if pending:
+        with client_for(broker, client_id) as client:
+            statuses.update(_wait_all(client, pending, out_dir, timeout_s, as_json))
+    ctx.exit(_combined(job_ids, statuses))
+
+
+def _wait_all(client: Client, job_ids: list[str], out_dir: Path, timeout_s: float | None,
+              as_json: bool) -> dict[str, int]:
+    if len(job_ids) == 1:
+        return {job_ids[0]: follow(client.attach(job_ids[0]), out_dir, timeout_s, as_json)}
+    progress = Progress(enabled=not as_json)
+    statuses: dict[str, int] = {}
+    left = set(job_ids)
+    progress.bar(0, len(job_ids), "done")
+    while left:
+        update = client.next_update(left, timeout_s)
+        if update is None:
+            progress.close()
+            click.echo(f"dispatch: still waiting for {len(left)} job(s): {' '.join(sorted(left))}",
+                       err=True)
+            statuses.update(dict.fromkeys(left, EXIT_TIMEOUT))
+            break
+        if update.is_final:
+            left.discard(update.job_id)
+            progress.close()
+            statuses[update.job_id] = report(JobResult(update), out_dir, as_json)
+            progress.bar(len(job_ids) - len(left), len(job_ids), "done")
+    progress.close()
+    return statuses
+
+
+def _combined(job_ids: tuple[str, ...], statuses: dict[str, int]) -> int:
+    if len(job_ids) == 1:
+        return statuses.get(job_ids[0], 1)
+    return 0 if all(statuses.get(j) == 0 for j in job_ids) else 1

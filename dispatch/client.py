@@ -1,0 +1,236 @@
+"""The Python client: submit jobs with confirms, follow their replies, fetch results.
+
+One connection and one channel per client, guarded by a lock, so a client may be
+shared by threads (or live inside a Celery task). Replies arrive on the client's
+own durable queue ``dispatch.reply.<client-id>``; a reply is acked only once it has
+been handed to the caller, so results survive a client that goes away.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import kombu
+
+from dispatch import broker, headers, topology
+from dispatch.archive import ZIP_CONTENT_TYPE, zip_paths
+from dispatch.errors import (
+    InvalidMessageError,
+    JobTimeoutError,
+    UnroutableError,
+)
+from dispatch.job import JobSpec, JobUpdate
+from dispatch.result import JobResult
+
+log = logging.getLogger(__name__)
+
+ACCEPT = ["application/zip", "application/octet-stream"]
+_POLL_S = 0.2
+
+
+class Client:
+    """A connection to Dispatch: ``submit`` jobs, then ``wait`` or follow ``updates``."""
+
+    def __init__(self, broker_url: str, *, client_id: str | None = None,
+                 heartbeat_s: int = broker.DEFAULT_HEARTBEAT_S) -> None:
+        self.broker_url = broker_url
+        self.client_id = topology.check_client_id(client_id or uuid.uuid4().hex[:16])
+        self.reply_queue = topology.reply_queue(self.client_id)
+        self._heartbeat_s = heartbeat_s
+        self._lock = threading.RLock()
+        self._inbox: collections.deque[tuple[JobUpdate, int]] = collections.deque()
+        self._returned: list[str] = []
+        self._conn: kombu.Connection | None = None
+        self._connect()
+
+    # -- connection ---------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        conn = broker.connect(self.broker_url, heartbeat_s=self._heartbeat_s)
+        with broker.translated("declaring the reply queue"):
+            channel = conn.default_channel
+            channel.exchange_declare(topology.jobs_exchange(), "direct", durable=True,
+                                     auto_delete=False)
+            broker.declare_reply_queue(channel, self.client_id)
+            self._confirms = broker.Confirms(channel, on_return=self._on_return)
+            self._consumer = kombu.Consumer(
+                channel, queues=[kombu.Queue(self.reply_queue, no_declare=True)],
+                accept=ACCEPT, on_message=self._on_reply, no_ack=False)
+            self._consumer.consume()
+        self._conn = conn
+        self._inbox.clear()  # unacked deliveries of a dead channel come back by themselves
+
+    def _reconnect(self) -> None:
+        log.warning("client %s: connection lost; reconnecting", self.client_id)
+        self._release()
+        self._connect()
+
+    def _release(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.release()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                log.debug("error releasing connection", exc_info=True)
+            self._conn = None
+
+    def close(self) -> None:
+        """Close the connection; replies not yet taken stay queued for next time."""
+        with self._lock:
+            self._release()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- submitting ---------------------------------------------------------------------
+
+    def submit(self, spec: JobSpec) -> JobHandle:
+        """Publish one job with confirms and mandatory routing; return its handle.
+
+        Raises UnroutableError when no queue is bound for the job's pool (no worker
+        ever served it), and BrokerError when the broker does not take the job.
+        """
+        job_id = spec.job_id or uuid.uuid4().hex
+        body = zip_paths(list(spec.inputs)) if spec.inputs else b""
+        props: dict[str, Any] = {
+            "message_id": job_id,
+            "correlation_id": job_id,
+            "reply_to": self.reply_queue,
+            "priority": spec.priority,
+        }
+        if body:
+            props["content_type"] = ZIP_CONTENT_TYPE
+        msg = broker.message(body, headers.encode_request(spec), **props)
+        pool = topology.check_pool_name(spec.pool)
+        for attempt in (1, 2):
+            try:
+                with self._lock:
+                    self._publish(msg, pool)
+                break
+            except broker.CONNECTION_ERRORS:
+                if attempt == 2:
+                    raise
+                self._reconnect()
+        return JobHandle(self, job_id)
+
+    def _publish(self, msg: Any, pool: str) -> None:
+        del self._returned[:]
+        with broker.translated(f"submitting to pool {pool!r}"):
+            seq = self._confirms.publish(msg, topology.jobs_exchange(), pool, mandatory=True)
+            self._confirms.wait_for(seq)
+        if self._returned:
+            raise UnroutableError(
+                f"no pool {pool!r}: no queue is bound to {topology.jobs_exchange()} "
+                f"with key {pool!r} (start a worker with --pool {pool})")
+
+    def _on_return(self, msg: Any, detail: str) -> None:
+        self._returned.append(detail)
+
+    def attach(self, job_id: str) -> JobHandle:
+        """Return a handle for a job submitted earlier under this client id."""
+        return JobHandle(self, job_id)
+
+    # -- replies ------------------------------------------------------------------------
+
+    def _on_reply(self, message: Any) -> None:
+        try:
+            update = headers.decode_reply(message.headers or {}, message.body)
+        except InvalidMessageError as exc:
+            log.warning("client %s: dropping a message that is not a reply: %s",
+                        self.client_id, exc.reason)
+            message.channel.basic_ack(message.delivery_tag)
+            return
+        self._inbox.append((update, message.delivery_tag))
+
+    def next_update(self, job_ids: Iterable[str] | None = None,
+                    timeout_s: float | None = None, *,
+                    before_ack: Callable[[JobUpdate], None] | None = None) -> JobUpdate | None:
+        """Take the next reply for one of ``job_ids`` (any job when None), acking it.
+
+        Returns None when ``timeout_s`` passes first. Replies for other jobs stay
+        queued for whoever asks for them. ``before_ack(update)`` runs before the ack
+        (to save a result first); if it raises, the reply stays queued.
+        """
+        wanted = None if job_ids is None else set(job_ids)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                found = self._take(wanted, before_ack)
+                if found is not None:
+                    return found
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self._pump(_POLL_S if left is None else min(left, _POLL_S))
+
+    def _take(self, wanted: set[str] | None,
+              before_ack: Callable[[JobUpdate], None] | None) -> JobUpdate | None:
+        for i, (update, tag) in enumerate(self._inbox):
+            if wanted is None or update.job_id in wanted:
+                if before_ack is not None:
+                    before_ack(update)
+                del self._inbox[i]
+                assert self._conn is not None
+                self._conn.default_channel.basic_ack(tag)
+                return update
+        return None
+
+    def _pump(self, timeout_s: float) -> None:
+        try:
+            if self._conn is None:
+                self._connect()
+            assert self._conn is not None
+            self._conn.drain_events(timeout=timeout_s)
+        except TimeoutError:
+            pass
+        except broker.CONNECTION_ERRORS:
+            self._reconnect()
+        if self._conn is not None:
+            try:
+                self._conn.heartbeat_check()
+            except broker.CONNECTION_ERRORS:
+                self._reconnect()
+
+
+class JobHandle:
+    """A submitted job: follow its ``updates`` or ``wait`` for its result."""
+
+    def __init__(self, client: Client, job_id: str) -> None:
+        self.client = client
+        self.job_id = job_id
+        self.last: JobUpdate | None = None
+
+    def __repr__(self) -> str:
+        return f"<JobHandle {self.job_id}>"
+
+    def updates(self, timeout_s: float | None = None) -> Iterator[JobUpdate]:
+        """Yield this job's replies as they arrive, ending with the final one.
+
+        Raises JobTimeoutError when ``timeout_s`` passes before the final reply.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self.last is None or not self.last.is_final:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            update = self.client.next_update([self.job_id], left)
+            if update is None:
+                raise JobTimeoutError(f"job {self.job_id}: no final reply within {timeout_s}s")
+            self.last = update
+            yield update
+
+    def wait(self, timeout_s: float | None = None) -> JobResult:
+        """Return the job's result once its final reply arrives."""
+        for _ in self.updates(timeout_s):
+            pass
+        assert self.last is not None
+        return JobResult(self.last)
+
+
+__all__ = ["Client", "JobHandle", "JobResult"]

@@ -1,0 +1,339 @@
+"""The header codec: HTCondor ClassAd attribute names on AMQP messages, both ways.
+
+Every wire name is spelled here and nowhere else. Pure: no I/O, no kombu.
+Strings may arrive ClassAd-quoted (``"\\"/bin/echo\\""``); they are unquoted on the
+way in, and a request that used quoting gets quoted strings in its replies, so
+listeners written for HTCondor's low-latency feature work unchanged.
+"""
+
+from __future__ import annotations
+
+import shlex
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from dispatch import schema
+from dispatch.errors import InvalidMessageError
+from dispatch.job import (
+    DEFAULT_ERR,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_OUT,
+    JobRequest,
+    JobSpec,
+    JobState,
+    JobUpdate,
+    Resources,
+    signal_number,
+)
+from dispatch.topology import DEFAULT_POOL, ReplyAddress
+
+# Request attributes.
+CMD = "Cmd"
+ARGUMENTS = "Arguments"
+ENVIRONMENT = "Environment"
+IN = "In"
+OUT = "Out"
+ERR = "Err"
+REQUEST_CPUS = "RequestCpus"
+REQUEST_MEMORY = "RequestMemory"
+REQUEST_DISK = "RequestDisk"
+TIME_LIMIT = "TimeLimit"
+KILL_SIG = "KillSig"
+REQUIREMENTS = "Requirements"
+MAX_ATTEMPTS = "MaxAttempts"
+JOB_NAME = "JobName"
+# Both directions.
+JOB_ID = "JobId"
+ATTEMPT = "Attempt"
+# Reply attributes.
+JOB_STATUS = "JobStatus"
+JOB_STATE = "JobState"
+REMOTE_HOST = "RemoteHost"
+STARTED_AT = "StartedAt"
+EXIT_CODE = "ExitCode"
+EXIT_BY_SIGNAL = "ExitBySignal"
+EXIT_SIGNAL = "ExitSignal"
+JOB_DURATION = "JobDuration"
+REASON = "Reason"
+
+MAX_HEADER_CHARS = 65536
+
+
+def unquote(value: str) -> tuple[str, bool]:
+    """Return ``value`` without ClassAd string quotes, and whether it had them."""
+    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+        inner = value[1:-1]
+        return inner.replace('\\"', '"').replace("\\\\", "\\"), True
+    return value, False
+
+
+def quote(value: str) -> str:
+    """Return ``value`` as a ClassAd string literal."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def normalize(raw: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Return headers as plain JSON-like values, and whether any string was ClassAd-quoted.
+
+    Raises InvalidMessageError for values no producer could have meant (undecodable
+    bytes, oversized strings).
+    """
+    out: dict[str, Any] = {}
+    quoted = False
+    for name, value in raw.items():
+        value, was_quoted = _plain(name, value)
+        quoted = quoted or was_quoted
+        out[name] = value
+    return out, quoted
+
+
+def _plain(name: str, value: Any) -> tuple[Any, bool]:
+    if isinstance(value, bytes | bytearray | memoryview):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidMessageError("is not UTF-8 text", field=name) from None
+    if isinstance(value, str):
+        if len(value) > MAX_HEADER_CHARS:
+            raise InvalidMessageError(f"is longer than {MAX_HEADER_CHARS} characters", field=name)
+        return unquote(value)
+    if isinstance(value, Decimal):
+        return float(value), False
+    if isinstance(value, list | tuple):
+        items = [_plain(name, item) for item in value]
+        return [item for item, _ in items], any(q for _, q in items)
+    if isinstance(value, Mapping):
+        table, quoted = normalize(value)
+        return table, quoted
+    if isinstance(value, bool | int | float) or value is None:
+        return value, False
+    return str(value), False
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What a reply needs from a request, known even when its headers are bad."""
+
+    job_id: str
+    reply_to: ReplyAddress | None
+    correlation_id: str
+    owner: str | None
+    classad_quoted: bool
+    attempt: int = 1
+
+
+def envelope(properties: Mapping[str, Any], raw_headers: Mapping[str, Any]) -> Envelope:
+    """Return the reply envelope of a request; never raises on bad headers."""
+    quoted = any(isinstance(v, str) and len(v) >= 2 and v[0] == v[-1] == '"'
+                 for v in raw_headers.values())
+    job_id = properties.get("message_id") or _text(raw_headers.get(JOB_ID)) or str(uuid.uuid4())
+    reply: ReplyAddress | None = None
+    reply_to = properties.get("reply_to")
+    if reply_to:
+        try:
+            reply = ReplyAddress.parse(str(reply_to))
+        except ValueError:
+            reply = None
+    attempt = raw_headers.get(ATTEMPT)
+    return Envelope(
+        job_id=str(job_id),
+        reply_to=reply,
+        correlation_id=str(properties.get("correlation_id") or job_id),
+        owner=properties.get("user_id") or None,
+        classad_quoted=quoted,
+        attempt=attempt if isinstance(attempt, int) and attempt > 0 else 1,
+    )
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str) and value:
+        return unquote(value)[0]
+    return None
+
+
+def decode_request(
+    properties: Mapping[str, Any], raw_headers: Mapping[str, Any], env: Envelope | None = None
+) -> JobRequest:
+    """Decode and validate a job message; raise InvalidMessageError naming the field at fault."""
+    env = env or envelope(properties, raw_headers)
+    headers, quoted = normalize(raw_headers)
+    props = {k: v for k, v in properties.items() if k in _CHECKED_PROPERTIES and v is not None}
+    schema.validate(schema.JOB_REQUEST, {"properties": props, "headers": headers},
+                    InvalidMessageError)
+    if properties.get("reply_to") and env.reply_to is None:
+        raise InvalidMessageError("is not a queue name or /exchange/NAME/KEY", field="reply_to")
+    spec = _spec(headers, env.job_id, properties.get("priority"))
+    return JobRequest(
+        job_id=env.job_id,
+        spec=spec,
+        reply_to=env.reply_to,
+        correlation_id=env.correlation_id,
+        owner=env.owner,
+        classad_quoted=quoted or env.classad_quoted,
+        attempt=env.attempt,
+    )
+
+
+_CHECKED_PROPERTIES = ("message_id", "reply_to", "correlation_id", "priority", "user_id",
+                       "expiration", "content_type")
+
+
+def _spec(h: Mapping[str, Any], job_id: str, priority: Any) -> JobSpec:
+    time_limit = int(h.get(TIME_LIMIT, 0))
+    return JobSpec(
+        command=h[CMD],
+        arguments=_arguments(h.get(ARGUMENTS)),
+        environment=_environment(h.get(ENVIRONMENT)),
+        stdin=h.get(IN),
+        stdout=h.get(OUT, DEFAULT_OUT),
+        stderr=h.get(ERR, DEFAULT_ERR),
+        resources=Resources(
+            cpus=int(h.get(REQUEST_CPUS, 1)),
+            memory_mb=int(h.get(REQUEST_MEMORY, 0)),
+            disk_mb=int(h.get(REQUEST_DISK, 0)),
+        ),
+        time_limit_s=time_limit or None,
+        kill_signal=_kill_signal(h.get(KILL_SIG, "SIGTERM")),
+        requirements=h.get(REQUIREMENTS) or "TRUE",
+        max_attempts=int(h.get(MAX_ATTEMPTS, DEFAULT_MAX_ATTEMPTS)),
+        priority=int(priority) if isinstance(priority, int) else 0,
+        pool=DEFAULT_POOL,
+        name=h.get(JOB_NAME),
+        job_id=job_id,
+    )
+
+
+def _arguments(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, list):
+        return tuple(str(item) for item in value)
+    try:
+        return tuple(shlex.split(value))
+    except ValueError as exc:
+        raise InvalidMessageError(f"cannot be split like a shell line: {exc}",
+                                  field=ARGUMENTS) from None
+
+
+def _environment(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return {str(k): _env_value(v) for k, v in value.items()}
+    pairs: dict[str, str] = {}
+    for item in value.split(";"):
+        if not item.strip():
+            continue
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or not name.replace("_", "a").isalnum() or name[0].isdigit():
+            raise InvalidMessageError(f"{item.strip()!r} is not NAME=VALUE", field=ENVIRONMENT)
+        pairs[name] = text
+    return pairs
+
+
+def _env_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+def _kill_signal(value: Any) -> int:
+    try:
+        return signal_number(value)
+    except ValueError as exc:
+        raise InvalidMessageError(str(exc), field=KILL_SIG) from None
+
+
+def encode_request(spec: JobSpec) -> dict[str, Any]:
+    """Return the headers of a job message for ``spec`` (typed values, never quoted)."""
+    headers: dict[str, Any] = {CMD: spec.command}
+    if spec.arguments:
+        headers[ARGUMENTS] = list(spec.arguments)
+    if spec.environment:
+        headers[ENVIRONMENT] = dict(spec.environment)
+    if spec.stdin:
+        headers[IN] = spec.stdin
+    if spec.stdout != DEFAULT_OUT:
+        headers[OUT] = spec.stdout
+    if spec.stderr != DEFAULT_ERR:
+        headers[ERR] = spec.stderr
+    res = spec.resources
+    if res.cpus != 1:
+        headers[REQUEST_CPUS] = res.cpus
+    if res.memory_mb:
+        headers[REQUEST_MEMORY] = res.memory_mb
+    if res.disk_mb:
+        headers[REQUEST_DISK] = res.disk_mb
+    if spec.time_limit_s:
+        headers[TIME_LIMIT] = spec.time_limit_s
+    if spec.kill_signal != 15:
+        headers[KILL_SIG] = spec.kill_signal
+    if spec.requirements.strip().upper() != "TRUE":
+        headers[REQUIREMENTS] = spec.requirements
+    if spec.max_attempts != DEFAULT_MAX_ATTEMPTS:
+        headers[MAX_ATTEMPTS] = spec.max_attempts
+    if spec.name:
+        headers[JOB_NAME] = spec.name
+    return headers
+
+
+def reply_headers(state: JobState, env: Envelope, **fields: Any) -> dict[str, Any]:
+    """Return the headers of a reply in ``state``; ``fields`` use Python names.
+
+    Accepted fields: host, started_at, exit_code, exit_by_signal, exit_signal,
+    duration_s, reason. Strings are ClassAd-quoted when the request was.
+    """
+    headers: dict[str, Any] = {
+        JOB_ID: env.job_id,
+        JOB_STATUS: state.status,
+        JOB_STATE: state.value,
+        ATTEMPT: env.attempt,
+    }
+    for name, value in fields.items():
+        if value is not None:
+            headers[_REPLY_FIELDS[name]] = value
+    if env.classad_quoted:
+        headers = {k: quote(v) if isinstance(v, str) else v for k, v in headers.items()}
+    return headers
+
+
+_REPLY_FIELDS = {
+    "host": REMOTE_HOST,
+    "started_at": STARTED_AT,
+    "exit_code": EXIT_CODE,
+    "exit_by_signal": EXIT_BY_SIGNAL,
+    "exit_signal": EXIT_SIGNAL,
+    "duration_s": JOB_DURATION,
+    "reason": REASON,
+}
+
+
+def decode_reply(raw_headers: Mapping[str, Any], body: bytes) -> JobUpdate:
+    """Decode a reply message into a JobUpdate; raise InvalidMessageError when it is not one."""
+    headers, _ = normalize(raw_headers)
+    try:
+        state = JobState(headers.get(JOB_STATE))
+        job_id = str(headers[JOB_ID])
+    except (ValueError, KeyError):
+        raise InvalidMessageError("is missing or unknown", field=JOB_STATE) from None
+    duration = headers.get(JOB_DURATION)
+    return JobUpdate(
+        job_id=job_id,
+        state=state,
+        host=headers.get(REMOTE_HOST),
+        started_at=headers.get(STARTED_AT),
+        exit_code=headers.get(EXIT_CODE),
+        exit_by_signal=bool(headers.get(EXIT_BY_SIGNAL, False)),
+        exit_signal=headers.get(EXIT_SIGNAL),
+        duration_s=float(duration) if duration is not None else None,
+        reason=headers.get(REASON),
+        attempt=int(headers.get(ATTEMPT, 1)),
+        archive=body,
+        headers=headers,
+    )

@@ -1,0 +1,171 @@
+"""Job files (YAML or JSON) and ``-r`` requirement strings, turned into JobSpecs.
+
+Errors name the field at fault, in one line, for the CLI to print.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dispatch import schema
+from dispatch.errors import InvalidJobFileError
+from dispatch.headers import quote
+from dispatch.job import DEFAULT_MAX_ATTEMPTS, DEFAULT_PRIORITY, JobSpec, Resources, signal_number
+from dispatch.quantity import parse_duration_s, parse_size_mib
+from dispatch.topology import DEFAULT_POOL
+
+PRIORITY_WORDS = {"low": 1, "med": DEFAULT_PRIORITY, "high": 8}
+_REQUIREMENT_KEYS = ("cpus", "memory", "disk", "time_limit", "group", "notgroup", "host",
+                     "expression")
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Read and validate a job file; raise InvalidJobFileError naming the field at fault."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidJobFileError(f"cannot read job file {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InvalidJobFileError(f"{path}: not valid {_kind(path)}: {first}") from None
+    if not isinstance(data, dict):
+        raise InvalidJobFileError(f"{path}: a job file must be a mapping of fields")
+    schema.validate(schema.JOBFILE, data, InvalidJobFileError)
+    return data
+
+
+def _kind(path: Path) -> str:
+    return "JSON" if path.suffix == ".json" else "YAML"
+
+
+def parse_requirement_string(text: str) -> dict[str, Any]:
+    """Parse wq's ``-r "cpus: 2; memory: 4G"`` into job-file requirement fields."""
+    out: dict[str, Any] = {}
+    for part in text.split(";"):
+        if not part.strip():
+            continue
+        key, sep, value = part.partition(":")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in _REQUIREMENT_KEYS:
+            raise InvalidJobFileError(
+                f"{part.strip()!r}: expected one of {', '.join(_REQUIREMENT_KEYS)} as KEY: VALUE",
+                field="requirements")
+        value = value.strip()
+        out[key] = int(value) if key == "cpus" and value.isdigit() else value
+    if "cpus" in out and not isinstance(out["cpus"], int):
+        raise InvalidJobFileError(f"{out['cpus']!r} is not a whole number", "requirements.cpus")
+    return out
+
+
+def spec_from_fields(data: Mapping[str, Any], base_dir: Path = Path()) -> JobSpec:
+    """Return the JobSpec a validated job file (or CLI options in that shape) describes."""
+    command, arguments = _command(data)
+    reqs = data.get("requirements") or {}
+    resources, time_limit = _resources(reqs)
+    return JobSpec(
+        command=command,
+        arguments=arguments,
+        environment={str(k): _env_text(v) for k, v in (data.get("environment") or {}).items()},
+        inputs=tuple(_input_path(base_dir, p) for p in data.get("inputs") or ()),
+        stdin=data.get("stdin"),
+        stdout=data.get("stdout", "job.out"),
+        stderr=data.get("stderr", "job.err"),
+        resources=resources,
+        time_limit_s=time_limit,
+        kill_signal=_signal(data.get("kill_signal", "SIGTERM")),
+        requirements=requirements_expression(reqs),
+        max_attempts=int(data.get("max_attempts", DEFAULT_MAX_ATTEMPTS)),
+        priority=parse_priority(data.get("priority", DEFAULT_PRIORITY)),
+        pool=data.get("pool") or DEFAULT_POOL,
+        name=data.get("name"),
+    )
+
+
+def _command(data: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
+    command = data["command"]
+    extra = data.get("arguments") or ()
+    if isinstance(extra, str):
+        extra = shlex.split(extra)
+    if isinstance(command, list):
+        return str(command[0]), tuple(str(a) for a in [*command[1:], *extra])
+    if extra or " " not in command.strip():
+        return command, tuple(str(a) for a in extra)
+    words = shlex.split(command)
+    return words[0], tuple(words[1:])
+
+
+def _env_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+def _input_path(base_dir: Path, text: str) -> Path:
+    path = Path(text).expanduser()
+    path = path if path.is_absolute() else base_dir / path
+    if not path.exists():
+        raise InvalidJobFileError(f"{text!r} does not exist", field="inputs")
+    return path
+
+
+def _resources(reqs: Mapping[str, Any]) -> tuple[Resources, int | None]:
+    def field(name: str, parse: Any) -> int:
+        if name not in reqs:
+            return 0
+        try:
+            return int(parse(reqs[name]))
+        except ValueError as exc:
+            raise InvalidJobFileError(str(exc), field=f"requirements.{name}") from None
+
+    limit = field("time_limit", parse_duration_s)
+    resources = Resources(cpus=int(reqs.get("cpus", 1)), memory_mb=field("memory", parse_size_mib),
+                          disk_mb=field("disk", parse_size_mib))
+    return resources, limit or None
+
+
+def requirements_expression(reqs: Mapping[str, Any]) -> str:
+    """Return the ClassAd expression for wq-style group/notgroup/host labels and ``expression``."""
+    terms = [f"stringListMember({quote(g)}, Groups)" for g in _names(reqs.get("group"))]
+    terms += [f"!stringListMember({quote(g)}, Groups)" for g in _names(reqs.get("notgroup"))]
+    hosts = _names(reqs.get("host"))
+    if hosts:
+        terms.append("(" + " || ".join(f"Machine == {quote(h)}" for h in hosts) + ")")
+    if reqs.get("expression"):
+        terms.append(f"({reqs['expression']})")
+    return " && ".join(terms) or "TRUE"
+
+
+def _names(value: Any) -> list[str]:
+    if not value:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v) for v in value]
+
+
+def _signal(value: Any) -> int:
+    try:
+        return signal_number(value)
+    except ValueError as exc:
+        raise InvalidJobFileError(str(exc), field="kill_signal") from None
+
+
+def parse_priority(value: Any) -> int:
+    """Return a 0-9 priority from ``low``/``med``/``high`` or a number."""
+    if isinstance(value, str) and value.lower() in PRIORITY_WORDS:
+        return PRIORITY_WORDS[value.lower()]
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = -1
+    if not 0 <= number <= 9:
+        raise InvalidJobFileError(f"{value!r} is not low, med, high or 0-9", field="priority")
+    return number

@@ -1,0 +1,93 @@
+"""Validation against the language-neutral JSON Schemas in ``schemas/``.
+
+The only module that imports jsonschema. Validators are compiled once per schema.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+from jsonschema.exceptions import ValidationError, best_match
+
+from dispatch.errors import InvalidJobError
+
+JOB_REQUEST = "job-request"
+JOB_REPLY = "job-reply"
+JOBFILE = "jobfile"
+
+
+def schemas_dir() -> Path:
+    """Return the folder holding the ``*.schema.json`` files."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "schemas", here.parent / "schemas"):
+        if (candidate / "job-request.schema.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"schemas/ not found beside {here}")
+
+
+@cache
+def load(name: str) -> dict[str, Any]:
+    """Return the parsed schema ``schemas/<name>.schema.json``."""
+    text = (schemas_dir() / f"{name}.schema.json").read_text(encoding="utf-8")
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+@cache
+def _validator(name: str) -> jsonschema.protocols.Validator:
+    schema = load(name)
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    validator: jsonschema.protocols.Validator = cls(schema)
+    return validator
+
+
+def validate(name: str, instance: object, error: type[InvalidJobError]) -> None:
+    """Check ``instance`` against schema ``name``; raise ``error`` naming the field at fault."""
+    validator = _validator(name)
+    if validator.is_valid(instance):
+        return
+    found = best_match(validator.iter_errors(instance))
+    if found is None:  # pragma: no cover - is_valid said no, so there is one
+        raise error(f"does not match {name} schema")
+    raise error(describe(found), field=field_path(found))
+
+
+def field_path(found: ValidationError) -> str | None:
+    """Return the dotted path of the offending field, skipping the message envelope."""
+    path = [str(part) for part in found.absolute_path]
+    if found.validator == "required" and isinstance(found.message, str):
+        missing = found.message.split("'")[1] if "'" in found.message else None
+        if missing:
+            path.append(missing)
+    if found.validator == "additionalProperties":
+        extra = sorted(set(found.instance) - set(found.schema.get("properties", {})))
+        if extra:
+            path.append(extra[0])
+    if path and path[0] in ("headers", "properties"):
+        path = path[1:]
+    return ".".join(path) or None
+
+
+def describe(found: ValidationError) -> str:
+    """Return a one-line human message for a validation error."""
+    if found.validator == "required":
+        return "is required"
+    if found.validator == "additionalProperties":
+        return "is not a known field"
+    if found.validator in ("oneOf", "anyOf"):
+        return f"has the wrong type or form: {_short(found.instance)}"
+    if found.validator == "maxLength":
+        return f"is longer than {found.validator_value} characters"
+    if found.validator == "not":
+        return f"is not allowed: {_short(found.instance)}"
+    return found.message.replace("\n", " ")
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

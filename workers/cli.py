@@ -1,0 +1,75 @@
+"""``dispatch worker``: start an execute node (registered through an entry point)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from dispatch.config import DEFAULT_BROKER_URL
+from dispatch.quantity import parse_size_mib
+from workers.node import ExecuteNode, NodeConfig
+
+log = logging.getLogger(__name__)
+
+
+@click.command("worker")
+@click.option("--broker", envvar="DISPATCH_BROKER_URL", default=DEFAULT_BROKER_URL,
+              show_envvar=True, help="AMQP URL of the broker.")
+@click.option("--pool", "pools", multiple=True, metavar="POOL",
+              help="Pool to serve (repeatable; default: default unless --queue is given).")
+@click.option("--slots", type=click.IntRange(min=1), help="Jobs at once (default: cores).")
+@click.option("--memory", help="Memory to offer, e.g. 16G (default: physical memory).")
+@click.option("--exchange", help="Also serve a queue bound to this exchange (e.g. amq.direct).")
+@click.option("--routing-key", help="Binding key for --queue (default: the queue name).")
+@click.option("--queue", help="Queue to serve on --exchange (HTCondor's example: grid).")
+@click.option("--workdir-root", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("/var/tmp/dispatch"), show_default=True,  # noqa: S108
+              help="Where each job's fresh working directory is made.")
+@click.option("--user", default="nobody", show_default=True,
+              help="Account jobs run as when the worker runs as root.")
+@click.option("--group", "groups", multiple=True, metavar="LABEL",
+              help="Label this node advertises in Groups (repeatable).")
+@click.option("--name", help="Machine name to advertise (default: FQDN).")
+@click.option("--kill-grace", type=float, default=5.0, show_default=True,
+              help="Seconds between KillSig and SIGKILL.")
+@click.option("--burst", is_flag=True, help="Exit once the queues are empty and jobs are done.")
+def worker(broker: str, pools: tuple[str, ...], slots: int | None, memory: str | None,
+           exchange: str | None, routing_key: str | None, queue: str | None,
+           workdir_root: Path, user: str, groups: tuple[str, ...], name: str | None,
+           kill_grace: float, burst: bool) -> None:
+    """Run an execute node: take jobs from the pool queues and run them."""
+    if not logging.getLogger().handlers or logging.getLogger().level > logging.INFO:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if (exchange or routing_key) and not queue:
+        raise click.UsageError("--exchange and --routing-key need --queue")
+    try:
+        memory_mb = parse_size_mib(memory) if memory else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--memory") from None
+    config = NodeConfig(
+        broker_url=broker,
+        pools=pools or (() if queue else ("default",)),
+        slots=slots,
+        exchange=exchange,
+        routing_key=routing_key,
+        queue=queue,
+        workdir_root=workdir_root,
+        user=user if os.geteuid() == 0 else None,
+        groups=groups,
+        name=name,
+        memory_mb=memory_mb,
+        kill_grace_s=kill_grace,
+        burst=burst,
+    )
+    try:
+        node = ExecuteNode(config)
+    except KeyError:
+        raise click.BadParameter(f"no such user {user!r}", param_hint="--user") from None
+    node.install_signal_handlers()
+    node.run()
+    log.info("node %s: stopped after %d jobs", node.machine.name, node.jobs_done)

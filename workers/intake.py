@@ -1,0 +1,48 @@
+"""Admission: turning one delivery into a runnable JobRequest, or a reason to reject it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import lru_cache
+from typing import Any
+
+from dispatch import headers, requirements
+from dispatch.archive import ZIP_CONTENT_TYPE, is_zip
+from dispatch.errors import InvalidMessageError, UnsatisfiableJobError
+from dispatch.job import JobRequest
+from workers.slots import Slots
+
+_BODY_TYPES = (ZIP_CONTENT_TYPE, "application/octet-stream", "", None)
+
+
+@lru_cache(maxsize=1024)
+def _expression(text: str) -> requirements.Expression:
+    return requirements.parse(text)
+
+
+def admit(properties: Mapping[str, Any], raw_headers: Mapping[str, Any], body: bytes,
+          env: headers.Envelope, slots: Slots, machine_attrs: Mapping[str, object]) -> JobRequest:
+    """Decode, validate and match one job message against this node.
+
+    Raises InvalidMessageError for a malformed message and UnsatisfiableJobError for a
+    valid job this node can never run; both carry the reason for the Rejected reply.
+    """
+    request = headers.decode_request(properties, raw_headers, env)
+    if body:
+        if properties.get("content_type") not in _BODY_TYPES:
+            raise InvalidMessageError(
+                f"{properties.get('content_type')!r} is not application/zip", field="content_type")
+        if not is_zip(body):
+            raise InvalidMessageError("is not a zip archive of input files", field="body")
+    elif request.spec.stdin:
+        raise InvalidMessageError(f"{request.spec.stdin!r} names an input but the body is empty",
+                                  field="In")
+    reason = slots.never_fits(request.spec.resources)
+    if reason:
+        raise UnsatisfiableJobError(reason)
+    expr = _expression(request.spec.requirements)
+    if not expr.evaluate(machine_attrs):
+        terms = expr.failing_terms(machine_attrs) or [expr.text]
+        raise UnsatisfiableJobError(
+            f"Requirements not met by {machine_attrs.get('Machine')}: {' && '.join(terms)}")
+    return request

@@ -1,0 +1,399 @@
+"""The execute node: one connection, one loop, no scheduler in the path.
+
+A single thread waits on three kinds of event with one selector: the broker's
+socket (deliveries, publisher confirms), a pidfd per running job (exits) and a
+wake-up pipe (signals). Nothing on the hot path blocks: replies are published
+without waiting, and a job message is acked from the confirm callback of its
+final reply (at-least-once). Declarations happen once per connection.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kombu
+
+from dispatch import broker, headers
+from dispatch.errors import DispatchError, InvalidJobError
+from dispatch.job import JobState
+from workers import intake
+from workers.machine import Machine, detect
+from workers.replies import Replies
+from workers.runner import RunAs, Runner, RunningJob
+from workers.slots import Slots
+
+log = logging.getLogger(__name__)
+
+ACCEPT = ["application/zip", "application/octet-stream", "application/x-msgpack"]
+RECENT_JOBS = 4096
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Settings of one execute node (``dispatch worker`` options)."""
+
+    broker_url: str
+    pools: tuple[str, ...] = ("default",)
+    slots: int | None = None
+    exchange: str | None = None
+    routing_key: str | None = None
+    queue: str | None = None
+    workdir_root: Path = Path("/var/tmp/dispatch")  # noqa: S108
+    user: str | None = "nobody"
+    groups: tuple[str, ...] = ()
+    name: str | None = None
+    memory_mb: int | None = None
+    heartbeat_s: int = broker.DEFAULT_HEARTBEAT_S
+    kill_grace_s: float = 5.0
+    burst: bool = False
+
+
+@dataclass
+class Active:
+    """A job this node holds: running, or waiting for a slot."""
+
+    message: Any
+    request: Any
+    env: headers.Envelope
+    delivery_tag: int | None
+    job: RunningJob | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ExecuteNode:
+    """Consumes job messages, runs them, replies, and acks after the final reply is safe."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        run_as = None
+        if os.geteuid() == 0 and config.user:
+            run_as = RunAs.lookup(config.user)
+        self.machine: Machine = detect(slots=config.slots, workdir_root=config.workdir_root,
+                                       groups=config.groups, pools=config.pools,
+                                       name=config.name, memory_mb=config.memory_mb)
+        self.attrs = self.machine.attributes()
+        self.slots = Slots(self.machine)
+        self.runner = Runner(config.workdir_root, run_as, config.kill_grace_s)
+        self.running: dict[str, Active] = {}
+        self.waiting: collections.deque[Active] = collections.deque()
+        self.recent: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.inbox: collections.deque[Any] = collections.deque()
+        self.stopping = False
+        self.jobs_done = 0
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._replies: Replies | None = None
+        self._conn: kombu.Connection | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        """Make SIGTERM and SIGINT drain the node: stop taking jobs, finish running ones."""
+        signal.set_wakeup_fd(self._wake_w)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.request_stop())
+
+    def request_stop(self) -> None:
+        """Stop taking jobs; ``run`` returns once running jobs have finished and replied."""
+        self.stopping = True
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    def run(self) -> None:
+        """Serve until stopped, reconnecting with backoff whenever the broker goes away."""
+        backoff_s = 0.5
+        while True:
+            try:
+                self._serve()
+                return
+            except broker.CONNECTION_ERRORS as exc:
+                self._drop_connection()
+                if self.stopping and not self.running:
+                    return
+                log.warning("broker connection lost (%s); reconnecting in %.1fs", exc, backoff_s)
+                self._idle(backoff_s)
+                backoff_s = min(backoff_s * 2, 10.0)
+            except DispatchError as exc:  # broker unreachable at (re)connect
+                if self.stopping and not self.running:
+                    return
+                log.warning("%s; retrying in %.1fs", exc, backoff_s)
+                self._idle(backoff_s)
+                backoff_s = min(backoff_s * 2, 10.0)
+
+    def _idle(self, seconds: float) -> None:
+        """Wait out a reconnect backoff while still enforcing running jobs' time limits."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            time.sleep(min(left, 0.2))
+            self._enforce_limits()
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        conn = broker.connect(self.config.broker_url, heartbeat_s=self.config.heartbeat_s)
+        self._conn = conn
+        channel = conn.default_channel
+        queues = self._declare(channel)
+        self._replies = Replies(channel, self.machine.name)
+        channel.basic_qos(0, self._prefetch(), True)
+        consumer = kombu.Consumer(channel, queues=[kombu.Queue(q, no_declare=True) for q in queues],
+                                  accept=ACCEPT, on_message=self.inbox.append, no_ack=False)
+        consumer.consume()
+        sock = conn.connection.sock
+        self._selector.register(sock, selectors.EVENT_READ, "amqp")
+        self._rebind_running()
+        log.info("node %s: serving %s with %d slots", self.machine.name, ", ".join(queues),
+                 self.machine.cpus)
+        try:
+            self._loop(conn, consumer)
+        finally:
+            self._selector.unregister(sock)
+
+    def _declare(self, channel: Any) -> list[str]:
+        cfg = self.config
+        queues = [broker.declare_pool(channel, pool) for pool in cfg.pools]
+        broker.declare_dead_letter(channel)
+        if cfg.queue:
+            queues.append(broker.declare_custom(channel, cfg.exchange or "",
+                                                cfg.routing_key or cfg.queue, cfg.queue))
+        return queues
+
+    def _loop(self, conn: kombu.Connection, consumer: kombu.Consumer) -> None:
+        cancelled = False
+        while True:
+            for key, _ in self._selector.select(self._timeout()):
+                if key.data == "wake":
+                    os.read(self._wake_r, 512)
+                elif isinstance(key.data, Active):
+                    self._reap(key.data)
+            self._drain(conn)
+            conn.heartbeat_check()
+            self._enforce_limits()
+            self._poll_without_pidfd()
+            if self.stopping and not cancelled:
+                consumer.cancel()
+                cancelled = True
+                self._hand_back_waiting()
+            while self.inbox:
+                self._receive(self.inbox.popleft())
+            if self._finished(cancelled):
+                return
+
+    def _finished(self, cancelled: bool) -> bool:
+        assert self._replies is not None
+        idle = not self.running and not self._replies.confirms.outstanding
+        if cancelled and idle:
+            return True
+        if self.config.burst and idle and not self.inbox:
+            return self._queues_empty()
+        return False
+
+    def _queues_empty(self) -> bool:
+        assert self._conn is not None
+        channel = self._conn.default_channel
+        names = [*(f"dispatch.pool.{p}" for p in self.config.pools)]
+        if self.config.queue:
+            names.append(self.config.queue)
+        for name in names:
+            _, count, _ = channel.queue_declare(name, passive=True)
+            if count:
+                return False
+        return True
+
+    def _timeout(self) -> float:
+        deadlines = [d for a in self.running.values() if a.job and (d := a.job.next_deadline())]
+        timeout = 1.0
+        if any(a.job and not a.job.has_pidfd for a in self.running.values()):
+            timeout = 0.02
+        if deadlines:
+            timeout = min(timeout, max(0.0, min(deadlines) - time.monotonic()))
+        return timeout
+
+    def _drain(self, conn: kombu.Connection) -> None:
+        while True:
+            try:
+                conn.drain_events(timeout=0)
+            except (TimeoutError, socket.timeout):
+                return
+
+    def _enforce_limits(self) -> None:
+        now = time.monotonic()
+        for active in list(self.running.values()):
+            if active.job is not None:
+                active.job.enforce(now)
+
+    def _poll_without_pidfd(self) -> None:
+        for active in list(self.running.values()):
+            if active.job is not None and not active.job.has_pidfd:
+                self._reap(active)
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    def _receive(self, message: Any) -> None:
+        props = message.properties
+        raw = message.headers or {}
+        env = headers.envelope(props, raw)
+        tag = message.delivery_tag
+        if self.stopping:
+            self._channel().basic_reject(tag, requeue=True)
+            return
+        if self._duplicate(env.job_id, tag):
+            return
+        try:
+            request = intake.admit(props, raw, message.body, env, self.slots, self.attrs)
+        except InvalidJobError as exc:
+            self._reject(message, env, exc.reason)
+            return
+        active = Active(message, request, env, tag)
+        if self.slots.fits_now(request.spec.resources):
+            self._start(active)
+        else:
+            log.info("job %s: waiting for a free slot", env.job_id)
+            self.waiting.append(active)
+
+    def _duplicate(self, job_id: str, tag: int) -> bool:
+        """Handle a redelivery of a job this node already runs or has finished."""
+        if job_id in self.running:
+            log.info("job %s: redelivered while running here; keeping one run", job_id)
+            self.running[job_id].delivery_tag = tag
+            return True
+        if job_id in self.recent:
+            log.info("job %s: redelivered after its result was sent; acking", job_id)
+            self._channel().basic_ack(tag)
+            return True
+        return False
+
+    def _start(self, active: Active) -> None:
+        request = active.request
+        try:
+            workdir = self.runner.prepare(request, active.message.body)
+            active.job = self.runner.start(request, workdir)
+        except InvalidJobError as exc:
+            self._reject(active.message, active.env, exc.reason)
+            return
+        except OSError as exc:  # this node's fault (disk full...): let another node try
+            log.error("job %s: cannot start here: %s; requeueing", request.job_id, exc)
+            if active.delivery_tag is not None:
+                self._channel().basic_reject(active.delivery_tag, requeue=True)
+            return
+        self.slots.take(request.spec.resources)
+        self.running[request.job_id] = active
+        if active.job.has_pidfd:
+            self._selector.register(active.job, selectors.EVENT_READ, active)
+        if request.spec.resources.cpus > 1:
+            self._update_prefetch()
+        self._reply(active.env, JobState.RUNNING, b"", host=self.machine.name,
+                    started_at=active.job.started_at)
+
+    def _reap(self, active: Active) -> None:
+        job = active.job
+        assert job is not None
+        outcome = job.poll()
+        if outcome is None:
+            return
+        if job.has_pidfd:
+            self._selector.unregister(job)
+        archive = self.runner.finish(job)
+        request = active.request
+        del self.running[request.job_id]
+        self.slots.give(request.spec.resources)
+        self.jobs_done += 1
+        state = JobState.REMOVED if outcome.removed else JobState.EXITED
+        log.info("job %s: %s code=%s signal=%s in %.3fs", request.job_id, state.value,
+                 outcome.exit_code, outcome.exit_signal, outcome.duration_s)
+        self._reply(active.env, state, archive, settle=lambda ok: self._settled(active, ok),
+                    host=self.machine.name, exit_code=outcome.exit_code,
+                    exit_by_signal=outcome.exit_by_signal, exit_signal=outcome.exit_signal,
+                    duration_s=round(outcome.duration_s, 6))
+        if request.spec.resources.cpus > 1:
+            self._update_prefetch()
+        self._start_waiting()
+
+    def _start_waiting(self) -> None:
+        while self.waiting and not self.stopping:
+            if not self.slots.fits_now(self.waiting[0].request.spec.resources):
+                return
+            self._start(self.waiting.popleft())
+
+    def _hand_back_waiting(self) -> None:
+        while self.waiting:
+            active = self.waiting.popleft()
+            if active.delivery_tag is not None:
+                self._channel().basic_reject(active.delivery_tag, requeue=True)
+
+    def _reply(self, env: headers.Envelope, state: JobState, body: bytes, *,
+               settle: Any = None, **fields: Any) -> None:
+        assert self._replies is not None
+        if env.reply_to is None:
+            if settle is not None:
+                settle(True)
+            return
+        self._replies.send(env, state, body, settle=settle, **fields)
+
+    def _reject(self, message: Any, env: headers.Envelope, reason: str) -> None:
+        assert self._replies is not None
+        log.warning("job %s: rejected: %s", env.job_id, reason)
+        self._reply(env, JobState.REJECTED, b"", reason=reason, host=self.machine.name)
+        tag = message.delivery_tag
+        self._replies.dead_letter(message, reason,
+                                  settle=lambda ok: self._ack_if(ok, tag, env.job_id))
+
+    def _settled(self, active: Active, ok: bool) -> None:
+        job_id = active.request.job_id
+        self.recent[job_id] = None
+        if len(self.recent) > RECENT_JOBS:
+            self.recent.popitem(last=False)
+        self._ack_if(ok, active.delivery_tag, job_id)
+
+    def _ack_if(self, ok: bool, tag: int | None, job_id: str) -> None:
+        if tag is None:
+            return
+        if ok:
+            self._channel().basic_ack(tag)
+        else:
+            log.error("job %s: broker refused the final reply; requeueing the job", job_id)
+            self._channel().basic_reject(tag, requeue=True)
+
+    # -- connection helpers -------------------------------------------------------------
+
+    def _channel(self) -> Any:
+        assert self._conn is not None
+        return self._conn.default_channel
+
+    def _prefetch(self) -> int:
+        extra = sum(a.request.spec.resources.cpus - 1 for a in self.running.values())
+        return max(1, self.machine.cpus - extra)
+
+    def _update_prefetch(self) -> None:
+        self._channel().basic_qos(0, self._prefetch(), True)
+
+    def _rebind_running(self) -> None:
+        """After a reconnect, old delivery tags are void; redeliveries bring new ones."""
+        for active in self.running.values():
+            active.delivery_tag = None
+        for active in self.waiting:
+            active.delivery_tag = None
+        self.waiting.clear()
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.release()
+            except Exception:  # noqa: BLE001 - it is already broken
+                log.debug("error while releasing a broken connection", exc_info=True)
+        self._conn = None
+        self._replies = None
+
