@@ -315,10 +315,11 @@ def _create_file(parent_fd: int, leaf: str, info: zipfile.ZipInfo) -> int:
     try:
         fd = os.open(leaf, _WRITE_FLAGS, 0o600, dir_fd=parent_fd)
     except OSError as exc:
-        raise ArchiveError(f"member {info.filename!r}: cannot create it: {exc.strerror}") from exc
+        msg = f"member {info.filename!r}: cannot create it, a link or device is in the way"
+        raise ArchiveError(f"{msg}: {exc.strerror}") from exc
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise ArchiveError(f"member {info.filename!r}: something else than a file is in its place")
+        raise ArchiveError(f"member {info.filename!r}: something other than a file is in the way")
     os.ftruncate(fd, 0)
     os.fchmod(fd, 0o755 if (info.external_attr >> 16) & 0o111 else 0o644)
     return fd
@@ -328,27 +329,22 @@ def _copy_member(
     zf: zipfile.ZipFile, info: zipfile.ZipInfo, fd: int, limits: ExtractLimits, written: list[int]
 ) -> None:
     """Copy one member, counting the bytes it really produces against the limits."""
+    name, total, size = info.filename, limits.max_total_bytes, 0
     ratio_cap = limits.max_ratio * max(info.compress_size, 1)
-    size = 0
     try:
         with zf.open(info) as src:
             while chunk := src.read(_CHUNK_BYTES):
                 size += len(chunk)
                 written[0] += len(chunk)
-                if written[0] > limits.max_total_bytes:
-                    raise ArchiveError(
-                        f"member {info.filename!r}: archive expands past "
-                        f"max_total_bytes={limits.max_total_bytes}"
-                    )
+                if written[0] > total:
+                    raise ArchiveError(f"member {name!r}: archive unpacks past {total} bytes")
                 if size > _RATIO_FLOOR_BYTES and size > ratio_cap:
-                    raise ArchiveError(
-                        f"member {info.filename!r}: compression ratio over {limits.max_ratio}"
-                    )
+                    raise ArchiveError(f"member {name!r}: expands over {limits.max_ratio}x")
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(fd, view) :]
     except _CORRUPT as exc:
-        raise ArchiveError(f"member {info.filename!r} is corrupt: {exc}") from exc
+        raise ArchiveError(f"member {name!r} is corrupt: {exc}") from exc
     mtime = time.mktime((*info.date_time, 0, 0, -1))
     os.utime(fd, (mtime, mtime))
 
@@ -372,9 +368,8 @@ class _DirChain:
                 self._fds.append(_open_subdir(self._fds[-1], part))
             except OSError as exc:
                 where = "/".join([*self._parts, part])
-                raise ArchiveError(
-                    f"member {member!r}: {where!r} in dest is not a directory: {exc.strerror}"
-                ) from exc
+                msg = f"member {member!r}: {where!r} in dest is not a directory: {exc.strerror}"
+                raise ArchiveError(msg) from exc
             self._parts.append(part)
         return self._fds[-1]
 

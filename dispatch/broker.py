@@ -47,7 +47,7 @@ def connect(url: str, *, heartbeat_s: int = DEFAULT_HEARTBEAT_S,
     """Open a connection with heartbeats on; raise BrokerUnreachableError when none can be made."""
     conn = kombu.Connection(url, heartbeat=heartbeat_s, connect_timeout=connect_timeout_s)
     try:
-        conn.connect()
+        conn.ensure_connection(max_retries=0)  # one try: callers own their retry policy
     except CONNECTION_ERRORS as exc:
         conn.release()
         raise BrokerUnreachableError(f"cannot reach broker at {safe_url(url)}: {exc}") from exc

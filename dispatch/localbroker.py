@@ -93,13 +93,14 @@ def install_rabbitmq() -> None:
         )
         if done.returncode != 0:
             raise BrokerUnreachableError(
-                f"apt-get {args[0]} failed with exit {done.returncode}: {_last_line(done)}"
+                f"apt-get {args[0]} failed with exit {done.returncode}: {_output_line(done, -1)}"
             )
 
 
-def _last_line(done: subprocess.CompletedProcess[str]) -> str:
+def _output_line(done: subprocess.CompletedProcess[str], index: int) -> str:
+    """One line of stderr, else stdout: apt says why last, rabbitmqctl first."""
     lines = (done.stderr or done.stdout or "").strip().splitlines()
-    return lines[-1] if lines else "no output"
+    return lines[index].strip() if lines else "no output"
 
 
 def _free_ports(count: int) -> list[int]:
@@ -272,5 +273,5 @@ class PrivateBroker:
             log.warning("rabbitmqctl stop for %s failed: %s", self.nodename, exc)
             return False
         if done.returncode != 0:
-            log.warning("rabbitmqctl stop for %s failed: %s", self.nodename, _last_line(done))
+            log.warning("rabbitmqctl stop for %s failed: %s", self.nodename, _output_line(done, 0))
         return done.returncode == 0

@@ -290,13 +290,13 @@ class _Parser:
     def _unexpected(self, token: _Token) -> InvalidRequirementsError:
         return _error(self._text, f"unexpected {_shown(token)}", token.pos)
 
-    def _nested(self, parse: Callable[[], _Node]) -> _Node:
+    def _nested(self, parse_level: Callable[[], _Node]) -> _Node:
         """Parse one level deeper, refusing to go past MAX_DEPTH."""
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
                 raise _error(self._text, f"nested deeper than {MAX_DEPTH} levels", self._peek().pos)
-            return parse()
+            return parse_level()
         finally:
             self._depth -= 1
 

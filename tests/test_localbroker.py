@@ -129,3 +129,16 @@ def test_install_rabbitmq_refuses_clearly_without_apt_get(monkeypatch: pytest.Mo
 
     with pytest.raises(BrokerUnreachableError, match="apt-get is missing"):
         install_rabbitmq()
+
+
+def test_install_rabbitmq_reports_a_failing_apt_get_in_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(localbroker.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(localbroker.shutil, "which", lambda name: "/bin/false")
+
+    with pytest.raises(
+        BrokerUnreachableError, match=r"apt-get update failed with exit 1"
+    ) as raised:
+        install_rabbitmq()
+    assert "\n" not in str(raised.value)

@@ -1,0 +1,155 @@
+"""Shared fixtures: one private RabbitMQ per test run, real workers as subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import kombu
+import pytest
+
+from dispatch import topology
+from dispatch.client import Client
+
+ROOT = Path(__file__).resolve().parent.parent
+RABBITMQ_DIR = ROOT / "tests" / "rabbitmq"
+
+# The test broker reads our files, never the machine's /etc/rabbitmq (set before it starts).
+os.environ["RABBITMQ_CONFIG_FILE"] = str(RABBITMQ_DIR / "rabbitmq.conf")
+os.environ["RABBITMQ_ADVANCED_CONFIG_FILE"] = str(RABBITMQ_DIR / "advanced.config")
+os.environ["RABBITMQ_CONF_ENV_FILE"] = str(RABBITMQ_DIR / "rabbitmq-env.conf")
+
+
+@pytest.fixture(scope="session")
+def broker_url(rabbitmq_proc: object) -> str:
+    """The AMQP URL of the private test broker (started once per run by pytest-rabbitmq)."""
+    host = rabbitmq_proc.host  # type: ignore[attr-defined]
+    port = rabbitmq_proc.port  # type: ignore[attr-defined]
+    return f"amqp://guest:guest@{host}:{port}//"
+
+
+@pytest.fixture
+def amqp(broker_url: str) -> Iterator[kombu.Connection]:
+    """A plain kombu connection for tests that publish or inspect raw messages."""
+    with kombu.Connection(broker_url, heartbeat=0) as conn:
+        conn.connect()
+        yield conn
+
+
+@pytest.fixture
+def pool() -> str:
+    """A pool name no other test uses, so each test has its own job queue."""
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def workdir_root() -> Iterator[Path]:
+    """A job directory root the unprivileged job account can traverse."""
+    path = Path(tempfile.mkdtemp(prefix="dispatch-tests.", dir="/var/tmp"))  # noqa: S108
+    path.chmod(0o755)
+    yield path
+    subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+class Workers:
+    """Starts ``dispatch worker`` subprocesses and stops them at the end of a test."""
+
+    def __init__(self, broker_url: str, workdir_root: Path, log_dir: Path) -> None:
+        self.broker_url = broker_url
+        self.workdir_root = workdir_root
+        self.log_dir = log_dir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *args: str, pools: tuple[str, ...] = (), wait_for: str | None = None,
+              slots: int = 2) -> subprocess.Popen[bytes]:
+        """Start a worker with ``args``; return once it consumes its first queue."""
+        cmd = [sys.executable, "-m", "dispatch", "worker", "--broker", self.broker_url,
+               "--workdir-root", str(self.workdir_root), "--slots", str(slots), "--kill-grace",
+               "1", *(a for p in pools for a in ("--pool", p)), *args]
+        with (self.log_dir / f"worker-{len(self.procs)}.log").open("wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.procs.append(proc)
+        queue = wait_for or topology.pool_queue(pools[0])
+        self.wait_consumed(queue, proc)
+        return proc
+
+    def wait_consumed(self, queue: str, proc: subprocess.Popen[bytes],
+                      timeout_s: float = 20.0) -> None:
+        """Wait until ``queue`` has a consumer (the worker bound and consumes it)."""
+        deadline = time.monotonic() + timeout_s
+        with kombu.Connection(self.broker_url, heartbeat=0) as conn:
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"worker exited with {proc.returncode}: {self.log()}")
+                channel = conn.channel()
+                try:
+                    _, _, consumers = channel.queue_declare(queue, passive=True)
+                    if consumers:
+                        return
+                except Exception:  # noqa: BLE001 - not declared yet
+                    pass
+                finally:
+                    try:
+                        channel.close()
+                    except Exception:  # noqa: BLE001, S110 - the channel may be closed already
+                        pass
+                time.sleep(0.05)
+        raise TimeoutError(f"no consumer on {queue} after {timeout_s}s: {self.log()}")
+
+    def log(self, index: int = -1) -> str:
+        """Return what a worker wrote so far."""
+        logs = sorted(self.log_dir.glob("worker-*.log"))
+        return logs[index].read_text(errors="replace")[-4000:] if logs else ""
+
+    def stop_all(self) -> None:
+        """SIGTERM every worker, then SIGKILL those that do not stop."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def workers(broker_url: str, workdir_root: Path, tmp_path: Path) -> Iterator[Workers]:
+    """Start real ``dispatch worker`` processes; they are stopped after the test."""
+    w = Workers(broker_url, workdir_root, tmp_path)
+    yield w
+    w.stop_all()
+
+
+@pytest.fixture
+def worker(workers: Workers, pool: str) -> subprocess.Popen[bytes]:
+    """One worker with two slots serving this test's pool."""
+    return workers.start(pools=(pool,))
+
+
+@pytest.fixture
+def client(broker_url: str) -> Iterator[Client]:
+    """A client with a fresh id and its own reply queue."""
+    with Client(broker_url) as c:
+        yield c
+
+
+@pytest.fixture
+def dispatch_cli(broker_url: str, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run the real ``dispatch`` command against the test broker."""
+    env = {**os.environ, "DISPATCH_BROKER_URL": broker_url,
+           "DISPATCH_CONFIG_DIR": str(tmp_path / "config")}
+
+    def run(*args: str, timeout: float = 60, **kwargs: object) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "dispatch", *args], env=env,
+                              capture_output=True, text=True, timeout=timeout, cwd=tmp_path,
+                              check=False, **kwargs)  # type: ignore[call-overload]
+
+    return run
