@@ -75,7 +75,7 @@ def is_zip(data: bytes) -> bool:
 
 
 def zip_directory(root: Path) -> bytes:
-    """Zip the whole tree under ``root``, names relative to it, in sorted order.
+    """Zip the whole tree under ``root`` (itself not a symlink), names relative to it, sorted.
 
     Only directories and regular files go in; symlinks, FIFOs, sockets, devices and files that
     vanish or cannot be read are skipped (logged at debug level).
@@ -222,7 +222,7 @@ def _dos_time(mtime: float) -> tuple[int, int, int, int, int, int]:
 
 
 def _open_zip(data: bytes | BinaryIO) -> zipfile.ZipFile:
-    stream: BinaryIO = io.BytesIO(data) if isinstance(data, bytes) else data
+    stream = io.BytesIO(data) if isinstance(data, bytes | bytearray | memoryview) else data
     try:
         start = stream.tell()
         head = stream.read(4)

@@ -161,6 +161,15 @@ def test_zipping_never_follows_a_symlink_planted_in_the_job_dir(
         assert zf.namelist() == ["job.out"]
 
 
+def test_files_dated_outside_the_zip_calendar_are_still_zipped(job_dir: Path, dest: Path) -> None:
+    (job_dir / "epoch.txt").write_text("1970")
+    (job_dir / "future.txt").write_text("2200")
+    os.utime(job_dir / "epoch.txt", (0, 0))
+    os.utime(job_dir / "future.txt", (7_258_118_400, 7_258_118_400))
+
+    assert safe_extract(zip_directory(job_dir), dest).names == ("epoch.txt", "future.txt")
+
+
 @pytest.mark.timeout(10)
 def test_a_fifo_in_the_job_dir_is_skipped_without_blocking(job_dir: Path) -> None:
     os.mkfifo(job_dir / "pipe")

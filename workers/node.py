@@ -243,9 +243,7 @@ class ExecuteNode:
     # -- jobs ---------------------------------------------------------------------------
 
     def _receive(self, message: Any) -> None:
-        props = message.properties
-        raw = message.headers or {}
-        env = headers.envelope(props, raw)
+        env = headers.envelope(message.properties, message.headers or {})
         tag = message.delivery_tag
         if self.stopping:
             self._channel().basic_reject(tag, requeue=True)
@@ -253,11 +251,21 @@ class ExecuteNode:
         if self._duplicate(env.job_id, tag):
             return
         try:
-            request = intake.admit(props, raw, message.body, env, self.slots, self.attrs)
+            self._admit(message, env)
+        except broker.CONNECTION_ERRORS:
+            raise
+        except Exception as exc:  # a bug must cost one job, never the node
+            log.exception("job %s: unexpected error while admitting it", env.job_id)
+            self._reject(message, env, f"internal error on {self.machine.name}: {exc}")
+
+    def _admit(self, message: Any, env: headers.Envelope) -> None:
+        try:
+            request = intake.admit(message.properties, message.headers or {}, message.body, env,
+                                   self.slots, self.attrs)
         except InvalidJobError as exc:
             self._reject(message, env, exc.reason)
             return
-        active = Active(message, request, env, tag)
+        active = Active(message, request, env, message.delivery_tag)
         if self.slots.fits_now(request.spec.resources):
             self._start(active)
         else:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO
 
 from dispatch.archive import ExtractLimits, safe_extract, zip_directory
-from dispatch.errors import InvalidMessageError
+from dispatch.errors import ArchiveError, InvalidMessageError
 from dispatch.job import JobRequest
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,10 @@ class Runner:
         workdir = Path(tempfile.mkdtemp(prefix=f"{request.job_id[:40]}.", dir=self.workdir_root))
         try:
             if body:
-                safe_extract(body, workdir, self.extract_limits)
+                try:
+                    safe_extract(body, workdir, self.extract_limits)
+                except ArchiveError as exc:
+                    raise InvalidMessageError(str(exc), field="body") from None
             stdin = request.spec.stdin
             if stdin and not (workdir / stdin).is_file():
                 raise InvalidMessageError(f"{stdin!r} is not among the job's input files",

@@ -1,0 +1,107 @@
+"""Dispatch's side: a ``dispatch worker`` subprocess per phase, timed from ``Client.submit``.
+
+Latency is one job in flight, from ``submit`` to the final reply taken by
+``handle.wait()``. Throughput submits every job, then collects every final reply.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bench import stats, testbed
+from dispatch import topology
+from dispatch.client import Client
+from dispatch.job import JobSpec
+
+TIMEOUT_S = 30.0
+
+
+def worker_argv(url: str, pool: str, slots: int, workdir_root: Path) -> list[str]:
+    """Return the command line of one execute node, as an operator would start it."""
+    return [sys.executable, "-m", "dispatch", "worker", "--broker", url, "--pool", pool,
+            "--slots", str(slots), "--workdir-root", str(workdir_root)]
+
+
+def _spec(pool: str) -> JobSpec:
+    return JobSpec("/bin/true", pool=pool)
+
+
+def _check(result: Any) -> None:
+    if not result.ok or not result.archive:
+        raise RuntimeError(f"bench job failed: {result!r}")
+
+
+def run_latency(client: Client, pool: str, jobs: int, warmup: int) -> list[float]:
+    """Return the round trips, in seconds, of ``jobs`` jobs run one at a time."""
+    samples: list[float] = []
+    spec = _spec(pool)
+    for i in range(warmup + jobs):
+        started = time.perf_counter()
+        result = client.submit(spec).wait(timeout_s=TIMEOUT_S)
+        elapsed = time.perf_counter() - started
+        _check(result)
+        if i >= warmup:
+            samples.append(elapsed)
+    return samples
+
+
+def run_throughput(client: Client, pool: str, jobs: int) -> float:
+    """Submit ``jobs`` jobs, then take every final reply; return the seconds it all took."""
+    spec = _spec(pool)
+    started = time.perf_counter()
+    pending = {client.submit(spec).job_id for _ in range(jobs)}
+    while pending:
+        # The client is this phase's alone, so "any job" means "one of ours".
+        update = client.next_update(None, timeout_s=TIMEOUT_S)
+        if update is None:
+            raise RuntimeError(f"{len(pending)} jobs without a final reply after {TIMEOUT_S} s")
+        if update.is_final:
+            if update.exit_code != 0 or not update.archive:
+                raise RuntimeError(f"bench job {update.job_id} failed: {update.state.value}")
+            pending.discard(update.job_id)
+    return time.perf_counter() - started
+
+
+def _phase(url: str, work: Path, name: str, slots: int, body: Any) -> Any:
+    """Run ``body(client, pool)`` against a fresh pool served by a fresh worker."""
+    pool = f"bench-{uuid.uuid4().hex[:8]}-{name}"
+    root = work / f"jobs-{name}"
+    root.mkdir(mode=0o755)
+    root.chmod(0o755)
+    argv = worker_argv(url, pool, slots, root)
+    queues = [topology.pool_queue(pool)]
+    try:
+        with testbed.subprocess_running(argv, work / f"worker-{name}.log") as proc:
+            testbed.wait_for_consumer(url, topology.pool_queue(pool), proc)
+            with Client(url) as client:
+                queues.append(client.reply_queue)
+                return body(client, pool)
+    finally:
+        testbed.delete_queues(url, queues)
+
+
+def measure(url: str, work: Path, *, latency_jobs: int, warmup: int,
+            throughput_jobs: int, latency_slots: int = 2) -> dict[str, Any]:
+    """Run the latency phase and the 1- and 2-slot throughput phases; return the figures."""
+    figures: dict[str, Any] = {}
+    print(f"dispatch: latency, {latency_jobs} jobs one at a time ({latency_slots} slots)",
+          file=sys.stderr)
+    samples = _phase(url, work, "latency", latency_slots,
+                     lambda c, p: run_latency(c, p, latency_jobs, warmup))
+    figures["latency"] = {**stats.latency_figures(samples), "slots": latency_slots}
+    for slots in (1, 2):
+        print(f"dispatch: throughput, {throughput_jobs} jobs in flight, {slots} slot(s)",
+              file=sys.stderr)
+
+        def body(client: Client, pool: str) -> float:
+            run_latency(client, pool, 0, warmup)  # warm the fresh worker, untimed
+            return run_throughput(client, pool, throughput_jobs)
+
+        elapsed = _phase(url, work, f"tp{slots}", slots, body)
+        figures[f"throughput_{slots}slot"] = {**stats.throughput_figures(throughput_jobs, elapsed),
+                                              "slots": slots}
+    return figures

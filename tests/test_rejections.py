@@ -1,0 +1,117 @@
+"""Bad input gets a Rejected reply naming the problem, is dead-lettered, and the node lives on."""
+
+from __future__ import annotations
+
+import io
+import uuid
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kombu
+import pytest
+
+from amqp_helpers import dead_letter_of, get_messages, headers_of, publish_job, reply_queue
+from conftest import Workers
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def rejection_pool(broker_url: str, workdir_root: Path,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Workers]]:
+    """One worker for the whole module: it must survive every bad message."""
+    pool = f"rej-{uuid.uuid4().hex[:8]}"
+    workers = Workers(broker_url, workdir_root, tmp_path_factory.mktemp("rejections"))
+    workers.start(pools=(pool,))
+    yield pool, workers
+    workers.stop_all()
+
+
+def _traversal_zip() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("../../etc/evil", "x")
+    return buf.getvalue()
+
+
+BAD_MESSAGES: list[tuple[str, dict[str, Any], bytes, str]] = [
+    ("no Cmd", {"Arguments": "hi"}, b"", "Cmd"),
+    ("RequestCpus not a number", {"Cmd": "true", "RequestCpus": "abc"}, b"", "RequestCpus"),
+    ("Arguments a number", {"Cmd": "echo", "Arguments": 5}, b"", "Arguments"),
+    ("Arguments unbalanced quote", {"Cmd": "echo", "Arguments": "'oops"}, b"", "Arguments"),
+    ("Environment not NAME=VALUE", {"Cmd": "env", "Environment": "A=1;B"}, b"", "Environment"),
+    ("KillSig unknown", {"Cmd": "true", "KillSig": "SIGFOO"}, b"", "KillSig"),
+    ("Out escapes the directory", {"Cmd": "true", "Out": "../escape"}, b"", "Out"),
+    ("oversized header", {"Cmd": "x" * 70000}, b"", "Cmd"),
+    ("Requirements unparsable", {"Cmd": "true", "Requirements": "Memory >= ("}, b"",
+     "Requirements"),
+    ("body not a zip", {"Cmd": "true"}, b"plain text, not a zip", "body"),
+    ("zip member escapes", {"Cmd": "true"}, _traversal_zip(), "body"),
+    ("In names no input", {"Cmd": "cat", "In": "data.txt"}, b"", "In"),
+    ("more cores than the node", {"Cmd": "true", "RequestCpus": 64}, b"", "RequestCpus"),
+    ("more memory than the node", {"Cmd": "true", "RequestMemory": 2**30}, b"",
+     "RequestMemory"),
+    ("Requirements never met", {"Cmd": "true", "Requirements": 'OpSys == "WINDOWS"'}, b"",
+     "Requirements not met"),
+]
+
+
+@pytest.mark.parametrize(("case", "headers", "body", "named"), BAD_MESSAGES,
+                         ids=[c[0] for c in BAD_MESSAGES])
+def test_a_bad_job_gets_a_rejected_reply_naming_the_problem_and_is_dead_lettered(
+        amqp: kombu.Connection, rejection_pool: tuple[str, Workers], case: str,
+        headers: dict[str, Any], body: bytes, named: str) -> None:
+    pool, _ = rejection_pool
+    replies = reply_queue(amqp)
+    job_id = uuid.uuid4().hex
+    props = {"content_type": "application/zip"} if body else {}
+    publish_job(amqp, pool, headers, body=body, message_id=job_id, reply_to=replies, **props)
+
+    (reply,) = get_messages(amqp, replies, 1)
+    got = headers_of(reply)
+    assert got["JobState"] == "Rejected"
+    assert got["JobStatus"] == 4
+    assert got["JobId"] == job_id
+    assert named in got["Reason"]
+    assert reply.properties["correlation_id"] == job_id
+
+    dead = dead_letter_of(amqp, job_id)
+    assert named in headers_of(dead)["Reason"]
+    kept = dead.body if isinstance(dead.body, bytes) else dead.body.encode()
+    assert kept == body
+
+
+def test_a_bad_job_without_a_reply_address_is_dead_lettered(
+        amqp: kombu.Connection, rejection_pool: tuple[str, Workers]) -> None:
+    pool, _ = rejection_pool
+    publish_job(amqp, pool, {"JobId": "no-reply-1", "Arguments": "x"})
+    dead = dead_letter_of(amqp, "no-reply-1")
+    assert "Cmd" in headers_of(dead)["Reason"]
+    assert headers_of(dead)["x-original-routing-key"] == pool
+
+
+def test_a_classad_quoted_bad_job_gets_a_quoted_rejected_reply(
+        amqp: kombu.Connection, rejection_pool: tuple[str, Workers]) -> None:
+    pool, _ = rejection_pool
+    replies = reply_queue(amqp)
+    publish_job(amqp, pool, {"Cmd": '"/bin/true"', "RequestCpus": "lots"},
+                message_id="quoted-bad", reply_to=replies)
+    (reply,) = get_messages(amqp, replies, 1)
+    got = headers_of(reply)
+    assert got["JobState"] == '"Rejected"'
+    assert got["Reason"].startswith('"') and "RequestCpus" in got["Reason"]
+
+
+def test_the_node_still_runs_good_jobs_after_every_bad_one(
+        amqp: kombu.Connection, rejection_pool: tuple[str, Workers]) -> None:
+    pool, workers = rejection_pool
+    replies = reply_queue(amqp)
+    publish_job(amqp, pool, {"Cmd": "echo", "Arguments": "still alive"},
+                message_id="after-bad", reply_to=replies)
+    running, exited = get_messages(amqp, replies, 2)
+    assert headers_of(running)["JobState"] == "Running"
+    assert headers_of(exited)["JobState"] == "Exited"
+    assert headers_of(exited)["ExitCode"] == 0
+    assert all(proc.poll() is None for proc in workers.procs)
