@@ -7,7 +7,6 @@ task in flight; throughput from the first ``delay()`` to the last result taken.
 from __future__ import annotations
 
 import base64
-import os
 import sys
 import time
 import uuid
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import stats, testbed
+from bench.celery_app import app, run_true
 
 TIMEOUT_S = 30.0
 CONCURRENCY = 2
@@ -61,13 +61,12 @@ def measure(url: str, work: Path, *, latency_jobs: int, warmup: int,
             throughput_jobs: int) -> dict[str, Any]:
     """Start one Celery worker on a fresh queue; run the latency and throughput phases."""
     queue = f"bench.celery.{uuid.uuid4().hex[:8]}"
-    os.environ["BENCH_BROKER_URL"] = url
-    os.environ["BENCH_CELERY_QUEUE"] = queue
-    from bench.celery_app import app, run_true  # noqa: PLC0415 - reads the env set above
-
+    app.conf.update(broker_url=url, task_default_queue=queue)
+    env = {"BENCH_BROKER_URL": url, "BENCH_CELERY_QUEUE": queue}
     figures: dict[str, Any] = {}
     try:
-        with testbed.subprocess_running(worker_argv(queue), work / "worker-celery.log") as proc:
+        with testbed.subprocess_running(worker_argv(queue), work / "worker-celery.log",
+                                        env) as proc:
             testbed.wait_for_consumer(url, queue, proc)
             print(f"celery: latency, {latency_jobs} tasks one at a time", file=sys.stderr)
             samples = run_latency(run_true, latency_jobs, warmup)

@@ -96,3 +96,11 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def broker_version(url: str) -> str:
+    """Return the broker's product and version as it announces them."""
+    with kombu.Connection(url) as conn:
+        conn.connect()
+        props = conn.connection.server_properties
+        return f"{props.get('product', '?')} {props.get('version', '?')}"

@@ -1,0 +1,84 @@
+"""``python -m bench``: Dispatch and Celery doing the same work against the same broker.
+
+Prints a table of latency and throughput figures with Dispatch's advantage over
+Celery, and writes the run as JSON to ``bench/results/<timestamp>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench import celery_side, dispatch_side, report, testbed
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--latency-jobs", type=int, default=1000,
+                        help="jobs timed one at a time (default: 1000)")
+    parser.add_argument("--warmup", type=int, default=50,
+                        help="untimed jobs before each timed phase (default: 50)")
+    parser.add_argument("--throughput-jobs", type=int, default=2000,
+                        help="jobs in flight at once (default: 2000)")
+    parser.add_argument("--skip-celery", action="store_true", help="measure Dispatch only")
+    parser.add_argument("--keep-work", action="store_true",
+                        help="keep the worker logs and job directories under /var/tmp")
+    return parser.parse_args(argv)
+
+
+def _machine(url: str) -> dict[str, Any]:
+    return {"cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "broker": testbed.broker_version(url)}
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Measure everything against one broker; return the run as a JSON-ready dict."""
+    now = dt.datetime.now(dt.UTC)
+    sizes = {"latency_jobs": args.latency_jobs, "warmup": args.warmup,
+             "throughput_jobs": args.throughput_jobs}
+    with testbed.broker_url() as (url, where):
+        print(f"bench: broker from {where}; work in {work}", file=sys.stderr)
+        machine = {**_machine(url), "broker_source": where}
+        dispatch = dispatch_side.measure(url, work, **sizes)
+        celery = None if args.skip_celery else celery_side.measure(url, work, **sizes)
+    advantage = None if celery is None else report.ratios(dispatch, celery)
+    return {
+        "timestamp": now.strftime("%Y%m%dT%H%M%SZ"),
+        "date": now.isoformat(timespec="seconds"),
+        "machine": machine,
+        "sizes": sizes,
+        "dispatch": dispatch,
+        "celery": celery,
+        "advantage": advantage,
+        "targets": report.targets(dispatch, advantage),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; exit 0 even when a target is missed (it is a measurement)."""
+    args = _arguments(argv)
+    work = Path(tempfile.mkdtemp(prefix="dispatch-bench-", dir="/var/tmp"))  # noqa: S108
+    work.chmod(0o755)  # jobs run as nobody and must reach their directories
+    try:
+        result = run(args, work)
+    except BaseException:
+        print(f"bench: failed; worker logs kept in {work}", file=sys.stderr)
+        raise
+    if not args.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    path = report.write(result)
+    print(report.table(result))
+    print("targets:\n" + report.verdicts(result))
+    print(f"written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

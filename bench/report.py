@@ -1,0 +1,88 @@
+"""The bench's output: ratios, targets, a table on stdout and a JSON file per run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+#: What Dispatch must reach on this machine (docs/benchmarks.md).
+TARGETS = {"p50_ms": 2.0, "p99_ms": 4.0, "jobs_per_s": 800.0, "advantage": 1.5}
+
+
+def ratios(dispatch: dict[str, Any], celery: dict[str, Any]) -> dict[str, float]:
+    """Return how many times better Dispatch does than Celery (> 1: Dispatch better).
+
+    Latency compares Celery's time over Dispatch's; throughput Dispatch's rate over
+    Celery's, with both at two jobs at once (2 slots, concurrency 2).
+    """
+    d_lat, c_lat = dispatch["latency"], celery["latency"]
+    d_tp, c_tp = dispatch["throughput_2slot"], celery["throughput"]
+    return {
+        "latency_p50": round(c_lat["p50_ms"] / d_lat["p50_ms"], 2),
+        "latency_p99": round(c_lat["p99_ms"] / d_lat["p99_ms"], 2),
+        "throughput": round(d_tp["jobs_per_s"] / c_tp["jobs_per_s"], 2),
+    }
+
+
+def targets(dispatch: dict[str, Any], advantage: dict[str, float] | None) -> dict[str, bool]:
+    """Return which targets this run met; the Celery ones only when Celery ran."""
+    met = {
+        "p50_ms<=2.0": dispatch["latency"]["p50_ms"] <= TARGETS["p50_ms"],
+        "p99_ms<=4": dispatch["latency"]["p99_ms"] <= TARGETS["p99_ms"],
+        "jobs_per_s>=800": dispatch["throughput_2slot"]["jobs_per_s"] >= TARGETS["jobs_per_s"],
+    }
+    if advantage is not None:
+        met["latency>=1.5x_celery"] = advantage["latency_p50"] >= TARGETS["advantage"]
+        met["throughput>=1.5x_celery"] = advantage["throughput"] >= TARGETS["advantage"]
+    return met
+
+
+def _row(name: str, d: object, c: object, r: object) -> str:
+    return f"| {name:<34} | {d!s:>9} | {c!s:>9} | {r!s:>13} |"
+
+
+def table(run: dict[str, Any]) -> str:
+    """Return the figures as a Markdown table, ready for docs/benchmarks.md."""
+    d = run["dispatch"]
+    c = run.get("celery")
+    a = run.get("advantage") or {}
+
+    def cel(*keys: str) -> object:
+        value: Any = c
+        for key in keys:
+            value = value[key] if value is not None else None
+        return "-" if value is None else value
+
+    def adv(key: str) -> str:
+        return f"{a[key]:.2f}x" if key in a else "-"
+
+    lines = [
+        _row("measure", "Dispatch", "Celery", "Dispatch adv."),
+        "|" + "-" * 36 + "|" + "-" * 10 + ":|" + "-" * 10 + ":|" + "-" * 14 + ":|",
+        _row("latency p50 (ms), 1 in flight", d["latency"]["p50_ms"], cel("latency", "p50_ms"),
+             adv("latency_p50")),
+        _row("latency p99 (ms), 1 in flight", d["latency"]["p99_ms"], cel("latency", "p99_ms"),
+             adv("latency_p99")),
+        _row("latency mean (ms)", d["latency"]["mean_ms"], cel("latency", "mean_ms"), ""),
+        _row("throughput (jobs/s), 2 at once", d["throughput_2slot"]["jobs_per_s"],
+             cel("throughput", "jobs_per_s"), adv("throughput")),
+        _row("throughput (jobs/s), 1 slot", d["throughput_1slot"]["jobs_per_s"], "-", ""),
+    ]
+    return "\n".join(lines)
+
+
+def verdicts(run: dict[str, Any]) -> str:
+    """Return one line per target: met or missed."""
+    return "\n".join(f"  {'met   ' if ok else 'MISSED'} {name}"
+                     for name, ok in run["targets"].items())
+
+
+def write(run: dict[str, Any]) -> Path:
+    """Write the run as JSON to bench/results/<timestamp>.json; return the path."""
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path = RESULTS_DIR / f"{run['timestamp']}.json"
+    path.write_text(json.dumps(run, indent=2) + "\n")
+    return path

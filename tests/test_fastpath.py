@@ -1,0 +1,238 @@
+"""The fast path end to end: real broker, real worker process, real jobs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dispatch.client import Client
+from dispatch.errors import JobTimeoutError, UnroutableError
+from dispatch.job import JobSpec, JobState, Resources
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def test_an_echo_job_runs_and_its_working_directory_comes_back(worker, client, pool, tmp_path):
+    result = client.submit(JobSpec("echo", ("hi", "there"), pool=pool)).wait(timeout_s=30)
+    assert result.state is JobState.EXITED
+    assert result.exit_code == 0
+    assert result.exit_signal is None
+    assert result.host
+    assert result.duration_s is not None and result.duration_s >= 0
+    extracted = result.extract(tmp_path / "out")
+    assert sorted(extracted.names) == ["job.err", "job.out"]
+    assert (tmp_path / "out" / "job.out").read_text() == "hi there\n"
+
+
+def test_status_updates_arrive_running_then_exited_with_timestamps(worker, client, pool):
+    handle = client.submit(JobSpec("true", pool=pool))
+    states = [(u.state, u) for u in handle.updates(timeout_s=30)]
+    assert [s for s, _ in states] == [JobState.RUNNING, JobState.EXITED]
+    running = states[0][1]
+    assert running.started_at and running.started_at.endswith("+00:00")
+    assert running.host == states[1][1].host
+
+
+def test_a_failing_job_reports_its_exit_code_and_stderr(worker, client, pool, tmp_path):
+    spec = JobSpec("/bin/sh", ("-c", "echo oops >&2; exit 3"), pool=pool)
+    result = client.submit(spec).wait(timeout_s=30)
+    assert (result.state, result.exit_code, result.ok) == (JobState.EXITED, 3, False)
+    result.extract(tmp_path)
+    assert (tmp_path / "job.err").read_text() == "oops\n"
+
+
+def test_a_job_killed_by_a_signal_reports_the_signal(worker, client, pool):
+    result = client.submit(JobSpec("/bin/sh", ("-c", "kill -KILL $$"), pool=pool)).wait(30)
+    assert result.exit_signal == signal.SIGKILL
+    assert result.exit_code is None
+    assert result.shell_status == 128 + signal.SIGKILL
+
+
+def test_an_unknown_command_exits_127_with_the_reason_in_stderr(worker, client, pool, tmp_path):
+    result = client.submit(JobSpec("no-such-program-xyz", pool=pool)).wait(timeout_s=30)
+    assert result.exit_code == 127
+    result.extract(tmp_path)
+    assert "no-such-program-xyz" in (tmp_path / "job.err").read_text()
+
+
+def test_the_time_limit_kills_the_whole_process_tree(worker, client, pool, tmp_path):
+    # The job starts a grandchild in a new session (out of the job's process group),
+    # then both sleep; the limit must reach both.
+    script = "setsid sleep 300 & echo $! > grandchild.pid; sleep 300"
+    spec = JobSpec("/bin/sh", ("-c", script), time_limit_s=1, pool=pool)
+    result = client.submit(spec).wait(timeout_s=30)
+    assert result.state is JobState.EXITED
+    assert result.exit_signal == signal.SIGTERM
+    result.extract(tmp_path)
+    grandchild = int((tmp_path / "grandchild.pid").read_text())
+    deadline = time.monotonic() + 5
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(grandchild)
+
+
+def test_a_job_ignoring_its_kill_signal_is_killed_after_the_grace_period(worker, client, pool):
+    spec = JobSpec("/bin/sh", ("-c", "trap '' TERM; sleep 300"), time_limit_s=1, pool=pool)
+    result = client.submit(spec).wait(timeout_s=30)
+    assert result.exit_signal == signal.SIGKILL
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_inputs_are_unpacked_and_in_becomes_stdin(worker, client, pool, tmp_path):
+    data = tmp_path / "numbers.txt"
+    data.write_text("3\n1\n2\n")
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    (folder / "setting.ini").write_text("x=1\n")
+    spec = JobSpec("/bin/sh", ("-c", "sort -n; cat conf/setting.ini"), inputs=(data, folder),
+                   stdin="numbers.txt", stdout="sorted.txt", stderr="errors.txt", pool=pool)
+    result = client.submit(spec).wait(timeout_s=30)
+    assert result.exit_code == 0
+    out = tmp_path / "out"
+    result.extract(out)
+    assert (out / "sorted.txt").read_text() == "1\n2\n3\nx=1\n"
+    assert (out / "errors.txt").exists()
+    assert (out / "numbers.txt").exists()
+
+
+def test_the_job_environment_is_its_own_not_the_workers(worker, client, pool, tmp_path):
+    os.environ["DISPATCH_TEST_SECRET"] = "must-not-leak"
+    try:
+        spec = JobSpec("env", environment={"GREETING": "hello world"}, pool=pool)
+        result = client.submit(spec).wait(timeout_s=30)
+    finally:
+        del os.environ["DISPATCH_TEST_SECRET"]
+    result.extract(tmp_path)
+    env = dict(line.split("=", 1) for line in (tmp_path / "job.out").read_text().splitlines())
+    assert env["GREETING"] == "hello world"
+    assert env["DISPATCH_JOB_ID"] == result.job_id
+    assert env["HOME"] == env["_CONDOR_SCRATCH_DIR"]
+    assert "DISPATCH_BROKER_URL" not in env
+    assert "DISPATCH_TEST_SECRET" not in env
+
+
+def test_jobs_run_as_the_unprivileged_user_when_the_worker_is_root(worker, client, pool, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("the worker only changes user when it runs as root")
+    result = client.submit(JobSpec("id", ("-un",), pool=pool)).wait(timeout_s=30)
+    result.extract(tmp_path)
+    assert (tmp_path / "job.out").read_text().strip() == "nobody"
+
+
+def test_submitting_to_a_pool_nobody_serves_is_a_clear_error(client):
+    with pytest.raises(UnroutableError, match="no pool 'nobody-serves-this'"):
+        client.submit(JobSpec("true", pool="nobody-serves-this"))
+
+
+def test_wait_gives_up_with_a_timeout_error(worker, client, pool):
+    handle = client.submit(JobSpec("sleep", ("5",), pool=pool))
+    with pytest.raises(JobTimeoutError):
+        handle.wait(timeout_s=0.3)
+    assert handle.wait(timeout_s=30).exit_code == 0
+
+
+def test_a_client_that_was_away_gets_its_results_when_it_comes_back(worker, broker_url, pool):
+    with Client(broker_url) as first:
+        client_id = first.client_id
+        job_id = first.submit(JobSpec("echo", ("later",), pool=pool)).job_id
+    time.sleep(0.5)  # the job finishes while no client is connected
+    with Client(broker_url, client_id=client_id) as again:
+        result = again.attach(job_id).wait(timeout_s=30)
+    assert result.exit_code == 0
+    assert result.archive
+
+
+def test_one_client_is_safe_to_share_between_threads(worker, client, pool):
+    codes: dict[int, int | None] = {}
+
+    def run(n: int) -> None:
+        spec = JobSpec("/bin/sh", ("-c", f"exit {n}"), pool=pool)
+        codes[n] = client.submit(spec).wait(timeout_s=60).exit_code
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=80)
+    assert codes == {n: n for n in range(8)}
+
+
+def _arrivals(client, count: int) -> list[tuple[str, JobState]]:
+    """Replies in the order they reached the client's queue (one worker: publish order)."""
+    seen = []
+    while len(seen) < count:
+        update = client.next_update(None, timeout_s=30)
+        assert update is not None
+        seen.append((update.job_id, update.state))
+    return seen
+
+
+def test_a_job_that_does_not_fit_now_waits_for_a_slot(workers, client, pool):
+    workers.start(pools=(pool,), slots=2)
+    one = client.submit(JobSpec("sleep", ("0.5",), pool=pool)).job_id
+    two = client.submit(JobSpec("true", resources=Resources(cpus=2), pool=pool)).job_id
+    assert _arrivals(client, 4) == [(one, JobState.RUNNING), (one, JobState.EXITED),
+                                    (two, JobState.RUNNING), (two, JobState.EXITED)]
+
+
+def test_higher_priority_jobs_run_first(workers, client, pool):
+    proc = workers.start(pools=(pool,), slots=1)
+    proc.terminate()
+    proc.wait(timeout=15)
+    ids = {p: client.submit(JobSpec("true", priority=p, pool=pool)).job_id for p in (1, 5, 9)}
+    workers.start(pools=(pool,), slots=1)
+    started = [job for job, state in _arrivals(client, 6) if state is JobState.RUNNING]
+    assert started == [ids[9], ids[5], ids[1]]
+
+
+def test_sigterm_lets_running_jobs_finish_and_stops_taking_new_ones(workers, client, pool):
+    proc = workers.start(pools=(pool,), slots=1)
+    running = client.submit(JobSpec("sleep", ("1",), pool=pool))
+    next(running.updates(timeout_s=30))  # it is running
+    queued = client.submit(JobSpec("true", pool=pool))
+    proc.send_signal(signal.SIGTERM)
+    assert running.wait(timeout_s=30).exit_code == 0
+    assert proc.wait(timeout=30) == 0
+    with pytest.raises(JobTimeoutError):
+        queued.wait(timeout_s=0.5)  # still queued, not lost: a new worker runs it
+    workers.start(pools=(pool,), slots=1)
+    assert queued.wait(timeout_s=30).exit_code == 0
+
+
+def test_a_worker_in_burst_mode_exits_once_its_queue_is_empty(workers, client, pool):
+    proc = workers.start(pools=(pool,), slots=1)
+    proc.terminate()
+    proc.wait(timeout=15)
+    handles = [client.submit(JobSpec("true", pool=pool)) for _ in range(3)]
+    burst = workers.start("--burst", pools=(pool,), slots=1)
+    assert burst.wait(timeout=30) == 0
+    assert [h.wait(timeout_s=10).exit_code for h in handles] == [0, 0, 0]
+
+
+def test_results_are_extracted_safely(tmp_path: Path):
+    import io
+    import zipfile
+
+    from dispatch.errors import ArchiveError
+    from dispatch.job import JobUpdate
+    from dispatch.result import JobResult
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("../outside.txt", "nope")
+    result = JobResult(JobUpdate("j1", JobState.EXITED, exit_code=0, archive=buf.getvalue()))
+    with pytest.raises(ArchiveError):
+        result.extract(tmp_path / "dest")
+    assert not (tmp_path / "outside.txt").exists()
