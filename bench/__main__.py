@@ -11,6 +11,7 @@ import datetime as dt
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -38,6 +39,21 @@ def _machine(url: str) -> dict[str, Any]:
             "python": platform.python_version(), "broker": testbed.broker_version(url)}
 
 
+def _source() -> dict[str, Any]:
+    """Return the commit measured and the files of dispatch/ and workers/ changed since."""
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=testbed.REPO, capture_output=True, text=True,
+                              check=False)
+        return done.stdout.strip()
+    changed = git("status", "--porcelain", "--", "dispatch", "workers").splitlines()
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "uncommitted": [line[3:] for line in changed]}
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Measure everything against one broker; return the run as a JSON-ready dict."""
     now = dt.datetime.now(dt.UTC)
@@ -46,13 +62,18 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     with testbed.broker_url() as (url, where):
         print(f"bench: broker from {where}; work in {work}", file=sys.stderr)
         machine = {**_machine(url), "broker_source": where}
+        load = {"start": _load()}
         dispatch = dispatch_side.measure(url, work, **sizes)
+        load["after_dispatch"] = _load()
         celery = None if args.skip_celery else celery_side.measure(url, work, **sizes)
+        load["end"] = _load()
     advantage = None if celery is None else report.ratios(dispatch, celery)
     return {
         "timestamp": now.strftime("%Y%m%dT%H%M%SZ"),
         "date": now.isoformat(timespec="seconds"),
         "machine": machine,
+        "load_average_1_5_15min": load,
+        "source": _source(),
         "sizes": sizes,
         "dispatch": dispatch,
         "celery": celery,
@@ -64,7 +85,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; exit 0 even when a target is missed (it is a measurement)."""
     args = _arguments(argv)
-    work = Path(tempfile.mkdtemp(prefix="dispatch-bench-", dir="/var/tmp"))  # noqa: S108
+    work = Path(tempfile.mkdtemp(prefix="dispatch-bench-", dir="/var/tmp"))
     work.chmod(0o755)  # jobs run as nobody and must reach their directories
     try:
         result = run(args, work)
@@ -76,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     path = report.write(result)
     print(report.table(result))
     print("targets:\n" + report.verdicts(result))
+    print(f"load average (1/5/15 min): {result['load_average_1_5_15min']}")
     print(f"written to {path}")
     return 0
 

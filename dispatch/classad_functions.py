@@ -1,187 +1,50 @@
-"""ClassAd values and the operators and built-in functions that work on them.
+"""The ClassAd built-in functions a ``Requirements`` expression may call.
 
-The value model behind :mod:`dispatch.requirements`: booleans, 64-bit integers,
-reals, strings, lists (tuples), and the two special values ``UNDEFINED`` (an
-attribute is missing) and ``ERROR`` (an operation makes no sense, like ``"a" < 1``).
-Every operator and function here is total: it returns a value and never raises.
+Each takes a list of :mod:`dispatch.classad_values` values and, like the operators,
+is total: it returns a value (ERROR when the call makes no sense) and never raises.
+
+``regexp()`` runs a pattern the job chose against machine attributes, so it must not
+let a hostile pattern hang the worker: patterns and targets are bounded in length,
+patterns whose counted repeats (``a{1000}``) would expand into a huge program are
+refused, and a search that runs longer than :data:`REGEX_TIMEOUT_S` is ERROR.
 """
 
 from __future__ import annotations
 
-import enum
+import functools
 import math
-import operator
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, TypeAlias, TypeGuard
+from typing import NamedTuple, TypeGuard
 
-__all__ = [
-    "BINARY_OPERATORS", "ERROR", "FUNCTIONS", "UNARY_OPERATORS", "UNDEFINED",
-    "Function", "Special", "Value", "to_value", "truth",
-]
+import regex  # type: ignore[import-untyped,unused-ignore]
+
+from dispatch.classad_values import (
+    BINARY_OPERATORS,
+    ERROR,
+    INT_MAX,
+    INT_MIN,
+    UNDEFINED,
+    Special,
+    Value,
+    special,
+    to_value,
+    truth,
+)
+
+__all__ = ["FUNCTIONS", "Function"]
 
 MAX_PATTERN_CHARS = 256
 MAX_TARGET_CHARS = 4096
-_INT_MIN, _INT_MAX = -(1 << 63), (1 << 63) - 1
-
-
-class Special(enum.Enum):
-    """The two ClassAd values that are not data."""
-
-    UNDEFINED = "UNDEFINED"
-    ERROR = "ERROR"
-
-    def __repr__(self) -> str:
-        return self.value
-
-
-UNDEFINED = Special.UNDEFINED
-ERROR = Special.ERROR
-
-Value: TypeAlias = bool | int | float | str | Special | tuple["Value", ...]
-Binary: TypeAlias = Callable[[Value, Value], Value]
-Unary: TypeAlias = Callable[[Value], Value]
-
-
-def to_value(raw: object) -> Value:
-    """Turn a machine attribute into a ClassAd value; ``None`` is UNDEFINED, odd types ERROR."""
-    if raw is None:
-        return UNDEFINED
-    if isinstance(raw, bool | str | float | Special):
-        return raw
-    if isinstance(raw, int):
-        return raw if _INT_MIN <= raw <= _INT_MAX else ERROR
-    if isinstance(raw, list | tuple):
-        return tuple(to_value(item) for item in raw)
-    return ERROR
-
-
-def truth(value: Value) -> bool | Special:
-    """The boolean meaning of ``value``: numbers are true when nonzero, strings are ERROR."""
-    if isinstance(value, bool) or value is UNDEFINED:
-        return value
-    if isinstance(value, int | float):
-        return value != 0
-    return ERROR
-
-
-def _special(*values: Value) -> Special | None:
-    """ERROR if any value is ERROR, else UNDEFINED if any is UNDEFINED, else None."""
-    if ERROR in values:
-        return ERROR
-    return UNDEFINED if UNDEFINED in values else None
-
-
-def _number(value: Value) -> int | float | None:
-    if isinstance(value, bool):
-        return int(value)
-    return value if isinstance(value, int | float) else None
-
-
-def _wrap(number: int) -> int:
-    """Wrap to a signed 64-bit integer, as ClassAd arithmetic does."""
-    return (number - _INT_MIN) % (1 << 64) + _INT_MIN
-
-
-def _int_div(x: int, y: int) -> int:
-    quotient = abs(x) // abs(y)
-    return quotient if (x < 0) == (y < 0) else -quotient
-
-
-def _int_mod(x: int, y: int) -> int:
-    return x - y * _int_div(x, y)
-
-
-def _comparison(compare: Callable[[Any, Any], bool]) -> Binary:
-    def apply(left: Value, right: Value) -> Value:
-        special = _special(left, right)
-        if special is not None:
-            return special
-        if isinstance(left, str) and isinstance(right, str):
-            return compare(left.lower(), right.lower())
-        x, y = _number(left), _number(right)
-        return ERROR if x is None or y is None else compare(x, y)
-    return apply
-
-
-def _arithmetic(int_op: Callable[[int, int], int], real_op: Callable[[float, float], float],
-                *, divides: bool = False) -> Binary:
-    def apply(left: Value, right: Value) -> Value:
-        special = _special(left, right)
-        if special is not None:
-            return special
-        x, y = _number(left), _number(right)
-        if x is None or y is None or (divides and y == 0):
-            return ERROR
-        if isinstance(x, int) and isinstance(y, int):
-            return _wrap(int_op(x, y))
-        try:
-            return real_op(float(x), float(y))
-        except (ValueError, OverflowError):
-            return ERROR
-    return apply
-
-
-def _bitwise(int_op: Callable[[int, int], int]) -> Binary:
-    def apply(left: Value, right: Value) -> Value:
-        special = _special(left, right)
-        if special is not None:
-            return special
-        x, y = _number(left), _number(right)
-        if isinstance(x, int) and isinstance(y, int):
-            return int_op(x, y)
-        return ERROR
-    return apply
-
-
-def _identical(left: Value, right: Value) -> Value:
-    """Meta-equality (``=?=``, ``is``): same type and same value, strings case-sensitive."""
-    return type(left) is type(right) and left == right
-
-
-def _not_identical(left: Value, right: Value) -> Value:
-    return not _identical(left, right)
-
-
-BINARY_OPERATORS: dict[str, Binary] = {
-    "|": _bitwise(operator.or_), "^": _bitwise(operator.xor), "&": _bitwise(operator.and_),
-    "==": _comparison(operator.eq), "!=": _comparison(operator.ne),
-    "=?=": _identical, "is": _identical, "=!=": _not_identical, "isnt": _not_identical,
-    "<": _comparison(operator.lt), "<=": _comparison(operator.le),
-    ">": _comparison(operator.gt), ">=": _comparison(operator.ge),
-    "+": _arithmetic(operator.add, operator.add), "-": _arithmetic(operator.sub, operator.sub),
-    "*": _arithmetic(operator.mul, operator.mul),
-    "/": _arithmetic(_int_div, operator.truediv, divides=True),
-    "%": _arithmetic(_int_mod, math.fmod, divides=True),
-}
-
-
-def _negate(value: Value) -> Value:
-    number = _number(value)
-    if number is None:
-        return value if value is UNDEFINED else ERROR
-    return _wrap(-number) if isinstance(number, int) else -number
-
-
-def _plus(value: Value) -> Value:
-    number = _number(value)
-    if number is None:
-        return value if value is UNDEFINED else ERROR
-    return number
-
-
-def _not(value: Value) -> Value:
-    meaning = truth(value)
-    return not meaning if isinstance(meaning, bool) else meaning
-
-
-UNARY_OPERATORS: dict[str, Unary] = {"-": _negate, "+": _plus, "!": _not}
-
-# ---------------------------------------------------------------------------- functions
+MAX_REPEAT_PRODUCT = 10_000
+REGEX_TIMEOUT_S = 0.05
 
 _INT_TEXT = re.compile(r"\s*[+-]?[0-9]+\s*", re.ASCII)
 _REAL_TEXT = re.compile(r"\s*[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*", re.ASCII)
-_REGEX_FLAGS = {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL, "x": re.VERBOSE}
+_REGEX_FLAGS = {
+    "i": regex.IGNORECASE, "m": regex.MULTILINE, "s": regex.DOTALL, "x": regex.VERBOSE,
+}
+_COUNTED_REPEAT = re.compile(r"\{([0-9]*)(?:,([0-9]*))?\}", re.ASCII)
 
 
 class Function(NamedTuple):
@@ -202,7 +65,7 @@ def _text(value: Value) -> str | None:
 
 
 def _truncate(number: float) -> Value:
-    return int(number) if math.isfinite(number) and _INT_MIN <= number <= _INT_MAX else ERROR
+    return int(number) if math.isfinite(number) and INT_MIN <= number <= INT_MAX else ERROR
 
 
 def _int_of_text(text: str) -> Value:
@@ -236,9 +99,9 @@ def _to_real(args: Sequence[Value]) -> Value:
 
 def _string_function(convert: Callable[[str], Value]) -> Callable[[Sequence[Value]], Value]:
     def apply(args: Sequence[Value]) -> Value:
-        special = _special(*args)
-        if special is not None:
-            return special
+        missing = special(*args)
+        if missing is not None:
+            return missing
         texts = [_text(arg) for arg in args]
         return ERROR if None in texts else convert("".join(t for t in texts if t is not None))
     return apply
@@ -259,9 +122,9 @@ def _if_then_else(args: Sequence[Value]) -> Value:
 
 
 def _substr(args: Sequence[Value]) -> Value:
-    special = _special(*args)
-    if special is not None:
-        return special
+    missing = special(*args)
+    if missing is not None:
+        return missing
     text, offset, length = args[0], args[1], args[2] if len(args) > 2 else None
     if isinstance(text, str) and _is_int(offset) and (length is None or _is_int(length)):
         return _slice(text, offset, length)
@@ -282,38 +145,57 @@ def _is_int(value: Value) -> TypeGuard[int]:
 
 
 def _regexp(args: Sequence[Value]) -> Value:
-    special = _special(*args)
-    if special is not None:
-        return special
+    missing = special(*args)
+    if missing is not None:
+        return missing
     pattern, target, options = args[0], args[1], args[2] if len(args) > 2 else ""
     if not (isinstance(pattern, str) and isinstance(target, str) and isinstance(options, str)):
         return ERROR
-    compiled = _compile(pattern, options)
+    compiled = _compile(pattern, options.lower())
     if compiled is None or len(target) > MAX_TARGET_CHARS:
         return ERROR
-    return compiled.search(target) is not None
+    try:
+        return compiled.search(target, timeout=REGEX_TIMEOUT_S) is not None
+    except TimeoutError:  # catastrophic backtracking, e.g. "(a|a)*$"
+        return ERROR
 
 
-def _compile(pattern: str, options: str) -> re.Pattern[str] | None:
-    """Compile a regexp() pattern, or None when it is too long, malformed or has bad options."""
-    flags = re.NOFLAG
-    for letter in options.lower():
+@functools.lru_cache(maxsize=256)
+def _compile(pattern: str, options: str) -> regex.Pattern[str] | None:
+    """Compile a regexp() pattern, or None when it is too big, malformed or has bad options."""
+    flags = 0
+    for letter in options:
         if letter not in _REGEX_FLAGS:
             return None
         flags |= _REGEX_FLAGS[letter]
-    if len(pattern) > MAX_PATTERN_CHARS:
+    if len(pattern) > MAX_PATTERN_CHARS or _repeat_product(pattern) > MAX_REPEAT_PRODUCT:
         return None
     try:
-        return re.compile(pattern, flags)
-    except (re.error, OverflowError, RecursionError):
+        return regex.compile(pattern, flags)
+    except (regex.error, ValueError, OverflowError, RecursionError):
         return None
+
+
+def _repeat_product(pattern: str) -> int:
+    """An upper bound on how many times counted repeats unroll the pattern.
+
+    ``regex`` expands ``a{1000}`` while compiling, with no timeout, so nested counts
+    (``(?:a{1000}){1000}``) could stall the worker before the search even starts.
+    Multiplying every count, nested or not, over-estimates that safely.
+    """
+    product = 1
+    for match in _COUNTED_REPEAT.finditer(pattern):
+        product *= max([1, *(int(digits) for digits in match.groups() if digits)])
+        if product > MAX_REPEAT_PRODUCT:
+            break
+    return product
 
 
 def _string_list_member(fold: bool) -> Callable[[Sequence[Value]], Value]:
     def apply(args: Sequence[Value]) -> Value:
-        special = _special(*args)
-        if special is not None:
-            return special
+        missing = special(*args)
+        if missing is not None:
+            return missing
         item, text, delimiters = args[0], args[1], args[2] if len(args) > 2 else ", "
         if not (isinstance(item, str) and isinstance(text, str) and isinstance(delimiters, str)):
             return ERROR

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 
 import pytest
 
+from dispatch import requirements
 from dispatch.errors import InvalidJobError, InvalidRequirementsError
 from dispatch.requirements import ERROR, UNDEFINED, Expression, parse
 
@@ -271,6 +274,37 @@ def test_regexp_refuses_overlong_patterns_and_targets():
     assert value('regexp("a", Long)', {"Long": "a" * 4097}) is ERROR
 
 
+@pytest.mark.timeout(5)
+@pytest.mark.parametrize("pattern", ["(a+)+$", "(a|a)*$", "(a|aa)+$"])
+def test_a_catastrophic_regexp_gives_up_promptly_and_the_requirement_is_not_met(pattern):
+    expression = parse(f'regexp("{pattern}", Machine)')
+    attrs = {**MACHINE, "Machine": "a" * 4000 + "!"}
+    assert expression.evaluate(attrs) is False
+
+
+@pytest.mark.timeout(5)
+def test_an_exponential_regexp_search_is_error_rather_than_a_raised_timeout():
+    assert value('regexp("(a|a)*$", Machine)', {"Machine": "a" * 60 + "!"}) is ERROR
+    assert value('isError(regexp("(a|a)*$", Machine))', {"Machine": "a" * 60 + "!"}) is True
+
+
+@pytest.mark.timeout(5)
+@pytest.mark.parametrize("pattern", [
+    "a{4294967294}", "a{1000000,}", "(?:a{1000}){1000}", "((a{100}){100}){100}",
+    "(?:a{9}){9}(?:a{9}){9}(?:a{9}){9}",
+])
+def test_a_regexp_whose_counted_repeats_would_take_long_to_compile_is_error(pattern):
+    assert value(f'regexp("{pattern}", "a")') is ERROR
+
+
+@pytest.mark.parametrize(("pattern", "expected"), [
+    ("^node-[0-9]{1,3}$", True), ("^node-[0-9]{3}$", False), ("^(?:[a-z]{2,4}-){1}", True),
+    ("a{10000}", False),
+])
+def test_a_regexp_with_modest_counted_repeats_still_works(pattern, expected):
+    assert value(f'regexp("{pattern}", Machine)') is expected
+
+
 # ---------------------------------------------------------------------------- parse errors
 
 @pytest.mark.parametrize(("text", "fragment"), [
@@ -387,3 +421,17 @@ def test_a_parenthesised_conjunct_is_reported_with_its_parentheses():
 @pytest.mark.parametrize("text", ["  Memory >= 8192  ", "Memory >= 8192 || FALSE && TRUE"])
 def test_an_expression_that_is_not_an_and_chain_is_one_term(text):
     assert parse(text).failing_terms(MACHINE) == [text.strip()]
+
+
+# ---------------------------------------------------------------------------- modules
+
+def test_the_public_api_is_parse_expression_and_the_two_special_values():
+    assert sorted(requirements.__all__) == ["ERROR", "Expression", "UNDEFINED", "parse"]
+
+
+@pytest.mark.parametrize("module", [
+    "dispatch.classad_values", "dispatch.classad_functions", "dispatch.classad_tree",
+    "dispatch.classad_parser", "dispatch.requirements",
+])
+def test_each_classad_module_imports_on_its_own(module):
+    subprocess.run([sys.executable, "-c", f"import {module}"], check=True, timeout=30)

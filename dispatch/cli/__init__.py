@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 import click
 
 from dispatch.cli import demo, listen, submit
-from dispatch.errors import DispatchError
+from dispatch.errors import DispatchError, InvalidJobError
 
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 124
@@ -40,7 +40,7 @@ for _entry in entry_points(group="dispatch.commands"):
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; Dispatch errors become one line on stderr and exit status 125."""
     try:
-        cli.main(args=argv, prog_name="dispatch", standalone_mode=False)
+        status = cli.main(args=argv, prog_name="dispatch", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
     except click.ClickException as exc:
@@ -49,10 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
+    except InvalidJobError as exc:
+        click.echo(f"dispatch: error: {exc.reason}", err=True)
+        return EXIT_USAGE
     except DispatchError as exc:
         click.echo(f"dispatch: error: {_reason(exc)}", err=True)
         return EXIT_DISPATCH
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 def _reason(exc: DispatchError) -> str:

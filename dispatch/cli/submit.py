@@ -67,8 +67,11 @@ def submit_command(ctx: click.Context, jobfile: Path | None, command: tuple[str,
     spec = spec_from_fields(fields, base)
     with client_for(opts["broker"], opts["client_id"]) as client:
         handle = client.submit(spec)
+        if not opts["as_json"]:
+            click.echo(handle.job_id)
         if not opts["wait_"]:
-            click.echo(json.dumps({"job_id": handle.job_id}) if opts["as_json"] else handle.job_id)
+            if opts["as_json"]:
+                click.echo(json.dumps({"job_id": handle.job_id}))
             return
         out_dir = opts["out_dir"] or Settings.from_env().results_dir
         code = follow(handle, out_dir, opts["timeout_s"], opts["as_json"])

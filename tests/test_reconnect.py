@@ -1,0 +1,29 @@
+"""Workers and clients ride out a broker restart; a job running meanwhile runs once."""
+
+from __future__ import annotations
+
+import pytest
+
+from dispatch.job import JobSpec, JobState
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _restart_broker(rabbitmq_proc) -> None:
+    rabbitmq_proc.rabbitctl_output("stop_app")
+    rabbitmq_proc.rabbitctl_output("start_app")
+
+
+def test_a_job_running_through_a_broker_restart_reports_once_and_new_jobs_still_run(
+        rabbitmq_proc, worker, client, pool):
+    handle = client.submit(JobSpec("sleep", ("3",), pool=pool))
+    assert next(handle.updates(timeout_s=30)).state is JobState.RUNNING
+    _restart_broker(rabbitmq_proc)
+
+    result = handle.wait(timeout_s=60)
+    assert result.state is JobState.EXITED and result.exit_code == 0
+
+    after = client.submit(JobSpec("echo", ("after restart",), pool=pool)).wait(timeout_s=60)
+    assert after.exit_code == 0
+    # Exactly one final reply for the job that lived through the restart.
+    assert client.next_update([handle.job_id], timeout_s=2) is None
