@@ -67,7 +67,10 @@ def run_throughput(client: Client, pool: str, jobs: int) -> float:
 
 
 def _phase(url: str, work: Path, name: str, slots: int, body: Any) -> Any:
-    """Run ``body(client, pool)`` against a fresh pool served by a fresh worker."""
+    """Run ``body(client, pool)`` against a fresh pool served by a fresh worker.
+
+    The worker runs from the snapshot in ``work/src`` (see ``testbed.snapshot``).
+    """
     pool = f"bench-{uuid.uuid4().hex[:8]}-{name}"
     root = work / f"jobs-{name}"
     root.mkdir(mode=0o755)
@@ -75,7 +78,8 @@ def _phase(url: str, work: Path, name: str, slots: int, body: Any) -> Any:
     argv = worker_argv(url, pool, slots, root)
     queues = [topology.pool_queue(pool)]
     try:
-        with testbed.subprocess_running(argv, work / f"worker-{name}.log") as proc:
+        with testbed.subprocess_running(argv, work / f"worker-{name}.log",
+                                        cwd=work / "src") as proc:
             testbed.wait_for_consumer(url, topology.pool_queue(pool), proc)
             with Client(url) as client:
                 queues.append(client.reply_queue)
@@ -87,6 +91,7 @@ def _phase(url: str, work: Path, name: str, slots: int, body: Any) -> Any:
 def measure(url: str, work: Path, *, latency_jobs: int, warmup: int,
             throughput_jobs: int, latency_slots: int = 2) -> dict[str, Any]:
     """Run the latency phase and the 1- and 2-slot throughput phases; return the figures."""
+    testbed.snapshot(work)
     figures: dict[str, Any] = {}
     print(f"dispatch: latency, {latency_jobs} jobs one at a time ({latency_slots} slots)",
           file=sys.stderr)

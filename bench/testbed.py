@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,12 +71,25 @@ def delete_queues(url: str, queues: Sequence[str]) -> None:
                 channel.close()
 
 
+def snapshot(work: Path) -> Path:
+    """Copy dispatch/, workers/ and schemas/ as they are now; return where to run workers.
+
+    Workers started there import the copy, so every phase measures the same code even
+    while the working tree is being edited.
+    """
+    src = work / "src"
+    for package in ("dispatch", "workers", "schemas"):
+        shutil.copytree(REPO / package, src / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    return src
+
+
 @contextlib.contextmanager
-def subprocess_running(argv: Sequence[str], log_path: Path,
-                       env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``argv`` from the repo root with output to ``log_path``; SIGTERM it on exit."""
+def subprocess_running(argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None,
+                       cwd: Path = REPO) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``argv`` in ``cwd`` with output to ``log_path``; SIGTERM it on exit."""
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(list(argv), cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
+        proc = subprocess.Popen(list(argv), cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                                 start_new_session=True)
         try:

@@ -8,6 +8,7 @@ listeners written for HTCondor's low-latency feature work unchanged.
 
 from __future__ import annotations
 
+import re
 import shlex
 import uuid
 from collections.abc import Mapping
@@ -66,8 +67,13 @@ def unquote(value: str) -> tuple[str, bool]:
     """Return ``value`` without ClassAd string quotes, and whether it had them."""
     if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
         inner = value[1:-1]
+        if _BARE_QUOTE.search(inner):  # an expression such as "a" == "b", not one string
+            return value, False
         return inner.replace('\\"', '"').replace("\\\\", "\\"), True
     return value, False
+
+
+_BARE_QUOTE = re.compile(r'(?<!\\)(?:\\\\)*"')
 
 
 def quote(value: str) -> str:
@@ -137,15 +143,22 @@ def envelope(properties: Mapping[str, Any], raw_headers: Mapping[str, Any]) -> E
             reply = ReplyAddress.parse(str(reply_to))
         except ValueError:
             reply = None
-    attempt = raw_headers.get(ATTEMPT)
     return Envelope(
         job_id=str(job_id),
         reply_to=reply,
         correlation_id=str(properties.get("correlation_id") or job_id),
         owner=properties.get("user_id") or None,
         classad_quoted=quoted,
-        attempt=attempt if isinstance(attempt, int) and attempt > 0 else 1,
+        attempt=_positive_int(raw_headers.get(ATTEMPT)),
     )
+
+
+def _positive_int(value: Any) -> int:
+    """Return a count from an int or digit string header; 1 for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    text = _text(value)
+    return int(text) if text and text.isdigit() and int(text) > 0 else 1
 
 
 def _text(value: Any) -> str | None:
