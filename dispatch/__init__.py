@@ -1,0 +1,1 @@
+"""Dispatch: low-latency job dispatch over AMQP (protocol, client, CLI)."""

@@ -23,7 +23,6 @@ from dispatch.errors import (
     BrokerError,
     BrokerUnreachableError,
     PublishNackedError,
-    UnroutableError,
 )
 
 log = logging.getLogger(__name__)
@@ -58,7 +57,7 @@ def safe_url(url: str) -> str:
     """Return ``url`` with any password masked, for logs and error messages."""
     try:
         return str(kombu.Connection(url).as_uri(include_password=False))
-    except Exception:  # noqa: BLE001 - a malformed URL is still not to be printed whole
+    except Exception:
         return "<broker url>"
 
 

@@ -75,7 +75,7 @@ class Client:
         if self._conn is not None:
             try:
                 self._conn.release()
-            except Exception:  # noqa: BLE001 - closing a broken connection
+            except Exception:
                 log.debug("error releasing connection", exc_info=True)
             self._conn = None
 
@@ -178,17 +178,19 @@ class Client:
                 if before_ack is not None:
                     before_ack(update)
                 del self._inbox[i]
-                assert self._conn is not None
-                self._conn.default_channel.basic_ack(tag)
+                if self._conn is not None:  # else the channel died and it comes back
+                    self._conn.default_channel.basic_ack(tag)
                 return update
         return None
 
     def _pump(self, timeout_s: float) -> None:
         try:
-            if self._conn is None:
+            conn = self._conn
+            if conn is None:
                 self._connect()
-            assert self._conn is not None
-            self._conn.drain_events(timeout=timeout_s)
+                conn = self._conn
+            if conn is not None:
+                conn.drain_events(timeout=timeout_s)
         except TimeoutError:
             pass
         except broker.CONNECTION_ERRORS:
@@ -227,10 +229,12 @@ class JobHandle:
 
     def wait(self, timeout_s: float | None = None) -> JobResult:
         """Return the job's result once its final reply arrives."""
-        for _ in self.updates(timeout_s):
-            pass
-        assert self.last is not None
-        return JobResult(self.last)
+        last = self.last
+        for update in self.updates(timeout_s):
+            last = update
+        if last is None:  # pragma: no cover - updates() ends only on a final reply
+            raise JobTimeoutError(f"job {self.job_id}: no reply")
+        return JobResult(last)
 
 
 __all__ = ["Client", "JobHandle", "JobResult"]

@@ -90,9 +90,9 @@ def normalize(raw: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
     out: dict[str, Any] = {}
     quoted = False
     for name, value in raw.items():
-        value, was_quoted = _plain(name, value)
+        plain, was_quoted = _plain(name, value)
         quoted = quoted or was_quoted
-        out[name] = value
+        out[name] = plain
     return out, quoted
 
 
@@ -264,35 +264,28 @@ def _kill_signal(value: Any) -> int:
 
 
 def encode_request(spec: JobSpec) -> dict[str, Any]:
-    """Return the headers of a job message for ``spec`` (typed values, never quoted)."""
-    headers: dict[str, Any] = {CMD: spec.command}
-    if spec.arguments:
-        headers[ARGUMENTS] = list(spec.arguments)
-    if spec.environment:
-        headers[ENVIRONMENT] = dict(spec.environment)
-    if spec.stdin:
-        headers[IN] = spec.stdin
-    if spec.stdout != DEFAULT_OUT:
-        headers[OUT] = spec.stdout
-    if spec.stderr != DEFAULT_ERR:
-        headers[ERR] = spec.stderr
+    """Return the headers of a job message for ``spec`` (typed values, never quoted).
+
+    Attributes at their default are left out, so messages stay small.
+    """
     res = spec.resources
-    if res.cpus != 1:
-        headers[REQUEST_CPUS] = res.cpus
-    if res.memory_mb:
-        headers[REQUEST_MEMORY] = res.memory_mb
-    if res.disk_mb:
-        headers[REQUEST_DISK] = res.disk_mb
-    if spec.time_limit_s:
-        headers[TIME_LIMIT] = spec.time_limit_s
-    if spec.kill_signal != 15:
-        headers[KILL_SIG] = spec.kill_signal
-    if spec.requirements.strip().upper() != "TRUE":
-        headers[REQUIREMENTS] = spec.requirements
-    if spec.max_attempts != DEFAULT_MAX_ATTEMPTS:
-        headers[MAX_ATTEMPTS] = spec.max_attempts
-    if spec.name:
-        headers[JOB_NAME] = spec.name
+    candidates: list[tuple[str, Any, Any]] = [
+        (ARGUMENTS, list(spec.arguments), []),
+        (ENVIRONMENT, dict(spec.environment), {}),
+        (IN, spec.stdin, None),
+        (OUT, spec.stdout, DEFAULT_OUT),
+        (ERR, spec.stderr, DEFAULT_ERR),
+        (REQUEST_CPUS, res.cpus, 1),
+        (REQUEST_MEMORY, res.memory_mb, 0),
+        (REQUEST_DISK, res.disk_mb, 0),
+        (TIME_LIMIT, spec.time_limit_s, None),
+        (KILL_SIG, spec.kill_signal, 15),
+        (REQUIREMENTS, spec.requirements, "TRUE"),
+        (MAX_ATTEMPTS, spec.max_attempts, DEFAULT_MAX_ATTEMPTS),
+        (JOB_NAME, spec.name, None),
+    ]
+    headers: dict[str, Any] = {CMD: spec.command}
+    headers.update((name, value) for name, value, default in candidates if value != default)
     return headers
 
 
@@ -331,7 +324,7 @@ def decode_reply(raw_headers: Mapping[str, Any], body: bytes) -> JobUpdate:
     """Decode a reply message into a JobUpdate; raise InvalidMessageError when it is not one."""
     headers, _ = normalize(raw_headers)
     try:
-        state = JobState(headers.get(JOB_STATE))
+        state = JobState(str(headers.get(JOB_STATE)))
         job_id = str(headers[JOB_ID])
     except (ValueError, KeyError):
         raise InvalidMessageError("is missing or unknown", field=JOB_STATE) from None

@@ -17,7 +17,7 @@ DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_PRIORITY = 4
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     """A job's state as it travels in the ``JobState`` header."""
 
     IDLE = "Idle"

@@ -48,9 +48,8 @@ _LOG_CHARS = 800
 
 def broker_reachable(url: str, timeout_s: float = 1.0) -> bool:
     """Return True when an AMQP connection to ``url`` opens and closes; never raises."""
-    # kombu ships py.typed but leaves Connection.__init__ unannotated.
     try:
-        with Connection(url, connect_timeout=timeout_s) as connection:  # type: ignore[no-untyped-call]
+        with Connection(url, connect_timeout=timeout_s) as connection:
             # Not connect(): that retries once after sleeping 2 s.
             connection.ensure_connection(max_retries=0)
     except Exception:  # any failure means "not reachable"

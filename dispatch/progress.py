@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from typing import TextIO
 
 _SPINNER = "|/-\\"
@@ -63,7 +64,7 @@ class Progress:
             self.stream.flush()
 
 
-def table(rows: list[dict[str, object]], columns: list[str]) -> str:
+def table(rows: Sequence[Mapping[str, object]], columns: list[str]) -> str:
     """Return ``rows`` as an aligned text table with a header line."""
     cells = [[str(c).upper() for c in columns]]
     cells += [["" if r.get(c) is None else str(r.get(c)) for c in columns] for r in rows]

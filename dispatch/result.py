@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dispatch.archive import ExtractLimits, Extracted, safe_extract
+from dispatch.archive import Extracted, ExtractLimits, safe_extract
 from dispatch.errors import JobRejectedError
 from dispatch.job import JobState, JobUpdate
 

@@ -85,7 +85,7 @@ def describe(found: ValidationError) -> str:
         return f"is longer than {found.validator_value} characters"
     if found.validator == "not":
         return f"is not allowed: {_short(found.instance)}"
-    return found.message.replace("\n", " ")
+    return str(found.message).replace("\n", " ")
 
 
 def _short(value: object) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -51,7 +52,7 @@ def pool() -> str:
 @pytest.fixture(scope="session")
 def workdir_root() -> Iterator[Path]:
     """A job directory root the unprivileged job account can traverse."""
-    path = Path(tempfile.mkdtemp(prefix="dispatch-tests.", dir="/var/tmp"))  # noqa: S108
+    path = Path(tempfile.mkdtemp(prefix="dispatch-tests.", dir="/var/tmp"))
     path.chmod(0o755)
     yield path
     subprocess.run(["rm", "-rf", str(path)], check=False)
@@ -92,13 +93,11 @@ class Workers:
                     _, _, consumers = channel.queue_declare(queue, passive=True)
                     if consumers:
                         return
-                except Exception:  # noqa: BLE001 - not declared yet
+                except Exception:
                     pass
                 finally:
-                    try:
+                    with contextlib.suppress(Exception):
                         channel.close()
-                    except Exception:  # noqa: BLE001, S110 - the channel may be closed already
-                        pass
                 time.sleep(0.05)
         raise TimeoutError(f"no consumer on {queue} after {timeout_s}s: {self.log()}")
 
@@ -142,7 +141,8 @@ def client(broker_url: str) -> Iterator[Client]:
 
 
 @pytest.fixture
-def dispatch_cli(broker_url: str, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+def dispatch_cli(broker_url: str,
+                 tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run the real ``dispatch`` command against the test broker."""
     env = {**os.environ, "DISPATCH_BROKER_URL": broker_url,
            "DISPATCH_CONFIG_DIR": str(tmp_path / "config")}

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
 
 from dispatch.client import Client
-from dispatch.errors import JobTimeoutError, UnroutableError
-from dispatch.job import JobSpec, JobState, Resources
+from dispatch.errors import ArchiveError, JobTimeoutError, UnroutableError
+from dispatch.job import JobSpec, JobState, JobUpdate, Resources
+from dispatch.result import JobResult
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -222,13 +225,6 @@ def test_a_worker_in_burst_mode_exits_once_its_queue_is_empty(workers, client, p
 
 
 def test_results_are_extracted_safely(tmp_path: Path):
-    import io
-    import zipfile
-
-    from dispatch.errors import ArchiveError
-    from dispatch.job import JobUpdate
-    from dispatch.result import JobResult
-
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("../outside.txt", "nope")

@@ -1,0 +1,1 @@
+"""Dispatch execute nodes: the AMQP consumer, the job runner."""

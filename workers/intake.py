@@ -20,7 +20,7 @@ def _expression(text: str) -> requirements.Expression:
     return requirements.parse(text)
 
 
-def admit(properties: Mapping[str, Any], raw_headers: Mapping[str, Any], body: bytes,
+def admit(properties: Mapping[str, Any], raw_headers: Mapping[str, Any], body: bytes, *,
           env: headers.Envelope, slots: Slots, machine_attrs: Mapping[str, object]) -> JobRequest:
     """Decode, validate and match one job message against this node.
 

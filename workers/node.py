@@ -10,11 +10,11 @@ final reply (at-least-once). Declarations happen once per connection.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import selectors
 import signal
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +22,7 @@ from typing import Any
 
 import kombu
 
-from dispatch import broker, headers
+from dispatch import broker, headers, topology
 from dispatch.errors import DispatchError, InvalidJobError
 from dispatch.job import JobState
 from workers import intake
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 ACCEPT = ["application/zip", "application/octet-stream", "application/x-msgpack"]
 RECENT_JOBS = 4096
+BURST_QUIET_S = 0.3
 
 
 @dataclass(frozen=True)
@@ -88,12 +89,13 @@ class ExecuteNode:
         self.recent: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.inbox: collections.deque[Any] = collections.deque()
         self.stopping = False
+        self._empty_since: float | None = None
         self.jobs_done = 0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
-        self._replies: Replies | None = None
+        self._replies_now: Replies | None = None
         self._conn: kombu.Connection | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -107,10 +109,8 @@ class ExecuteNode:
     def request_stop(self) -> None:
         """Stop taking jobs; ``run`` returns once running jobs have finished and replied."""
         self.stopping = True
-        try:
+        with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass
 
     def run(self) -> None:
         """Serve until stopped, reconnecting with backoff whenever the broker goes away."""
@@ -147,7 +147,7 @@ class ExecuteNode:
         self._conn = conn
         channel = conn.default_channel
         queues = self._declare(channel)
-        self._replies = Replies(channel, self.machine.name)
+        self._replies_now = Replies(channel, self.machine.name)
         channel.basic_qos(0, self._prefetch(), True)
         consumer = kombu.Consumer(channel, queues=[kombu.Queue(q, no_declare=True) for q in queues],
                                   accept=ACCEPT, on_message=self.inbox.append, no_ack=False)
@@ -192,19 +192,29 @@ class ExecuteNode:
             if self._finished(cancelled):
                 return
 
+    @property
+    def _replies(self) -> Replies:
+        if self._replies_now is None:
+            raise RuntimeError("not connected")
+        return self._replies_now
+
     def _finished(self, cancelled: bool) -> bool:
-        assert self._replies is not None
         idle = not self.running and not self._replies.confirms.outstanding
         if cancelled and idle:
             return True
-        if self.config.burst and idle and not self.inbox:
-            return self._queues_empty()
-        return False
+        if not (self.config.burst and idle and not self.inbox and self._queues_empty()):
+            self._empty_since = None
+            return False
+        # Deliveries already in flight are not counted as ready messages: only a queue
+        # seen empty twice, with nothing received in between, is really empty.
+        now = time.monotonic()
+        if self._empty_since is None:
+            self._empty_since = now
+        return now - self._empty_since >= BURST_QUIET_S
 
     def _queues_empty(self) -> bool:
-        assert self._conn is not None
-        channel = self._conn.default_channel
-        names = [*(f"dispatch.pool.{p}" for p in self.config.pools)]
+        channel = self._channel()
+        names = [topology.pool_queue(p) for p in self.config.pools]
         if self.config.queue:
             names.append(self.config.queue)
         for name in names:
@@ -215,7 +225,7 @@ class ExecuteNode:
 
     def _timeout(self) -> float:
         deadlines = [d for a in self.running.values() if a.job and (d := a.job.next_deadline())]
-        timeout = 1.0
+        timeout = 0.1 if self.config.burst else 1.0
         if any(a.job and not a.job.has_pidfd for a in self.running.values()):
             timeout = 0.02
         if deadlines:
@@ -226,7 +236,7 @@ class ExecuteNode:
         while True:
             try:
                 conn.drain_events(timeout=0)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 return
 
     def _enforce_limits(self) -> None:
@@ -260,8 +270,8 @@ class ExecuteNode:
 
     def _admit(self, message: Any, env: headers.Envelope) -> None:
         try:
-            request = intake.admit(message.properties, message.headers or {}, message.body, env,
-                                   self.slots, self.attrs)
+            request = intake.admit(message.properties, message.headers or {}, message.body,
+                                   env=env, slots=self.slots, machine_attrs=self.attrs)
         except InvalidJobError as exc:
             self._reject(message, env, exc.reason)
             return
@@ -308,9 +318,8 @@ class ExecuteNode:
 
     def _reap(self, active: Active) -> None:
         job = active.job
-        assert job is not None
-        outcome = job.poll()
-        if outcome is None:
+        outcome = job.poll() if job is not None else None
+        if job is None or outcome is None:
             return
         if job.has_pidfd:
             self._selector.unregister(job)
@@ -344,7 +353,6 @@ class ExecuteNode:
 
     def _reply(self, env: headers.Envelope, state: JobState, body: bytes, *,
                settle: Any = None, **fields: Any) -> None:
-        assert self._replies is not None
         if env.reply_to is None:
             if settle is not None:
                 settle(True)
@@ -352,7 +360,6 @@ class ExecuteNode:
         self._replies.send(env, state, body, settle=settle, **fields)
 
     def _reject(self, message: Any, env: headers.Envelope, reason: str) -> None:
-        assert self._replies is not None
         log.warning("job %s: rejected: %s", env.job_id, reason)
         self._reply(env, JobState.REJECTED, b"", reason=reason, host=self.machine.name)
         tag = message.delivery_tag
@@ -378,11 +385,12 @@ class ExecuteNode:
     # -- connection helpers -------------------------------------------------------------
 
     def _channel(self) -> Any:
-        assert self._conn is not None
+        if self._conn is None:
+            raise RuntimeError("not connected")
         return self._conn.default_channel
 
     def _prefetch(self) -> int:
-        extra = sum(a.request.spec.resources.cpus - 1 for a in self.running.values())
+        extra: int = sum(a.request.spec.resources.cpus - 1 for a in self.running.values())
         return max(1, self.machine.cpus - extra)
 
     def _update_prefetch(self) -> None:
@@ -400,8 +408,8 @@ class ExecuteNode:
         if self._conn is not None:
             try:
                 self._conn.release()
-            except Exception:  # noqa: BLE001 - it is already broken
+            except Exception:
                 log.debug("error while releasing a broken connection", exc_info=True)
         self._conn = None
-        self._replies = None
+        self._replies_now = None
 

@@ -27,7 +27,8 @@ class Replies:
     def send(self, env: headers.Envelope, state: JobState, body: bytes, *,
              settle: Settle | None = None, **fields: Any) -> None:
         """Publish one reply to the job's ``reply_to``; ``settle(ok)`` runs on the confirm."""
-        assert env.reply_to is not None
+        if env.reply_to is None:
+            raise ValueError(f"job {env.job_id}: no reply address")
         props: dict[str, Any] = {"correlation_id": env.correlation_id, "message_id": env.job_id}
         if body:
             props["content_type"] = ZIP_CONTENT_TYPE
@@ -36,7 +37,10 @@ class Replies:
                               on_settled=settle)
 
     def dead_letter(self, message: Any, reason: str, *, settle: Settle) -> None:
-        """Publish a copy of a rejected job message, with the reason, to the dead-letter exchange."""
+        """Publish a copy of a rejected job message, with the reason, to the dead-letter exchange.
+
+        The original is acked only once this copy is confirmed (``settle``).
+        """
         props = {k: v for k, v in message.properties.items()
                  if k not in ("application_headers", "expiration") and v is not None}
         info = message.delivery_info

@@ -204,7 +204,7 @@ class Runner:
                                                                  self.run_as)
         stdin = open(workdir / spec.stdin, "rb") if spec.stdin else subprocess.DEVNULL  # noqa: SIM115
         try:
-            proc = self._spawn(request, workdir, env, stdin, out, err)
+            proc = self._spawn(request, workdir, env, stdin=stdin, out=out, err=err)
         finally:
             for f in {id(out): out, id(err): err}.values():
                 f.close()
@@ -212,15 +212,16 @@ class Runner:
                 stdin.close()
         return RunningJob(request, workdir, proc, self.kill_grace_s)
 
-    def _spawn(self, request: JobRequest, workdir: Path, env: dict[str, str],
+    def _spawn(self, request: JobRequest, workdir: Path, env: dict[str, str], *,
                stdin: object, out: object, err: object) -> subprocess.Popen[bytes]:
         argv = [request.spec.command, *request.spec.arguments]
         user = {} if self.run_as is None else {
             "user": self.run_as.uid, "group": self.run_as.gid, "extra_groups": []}
         try:
-            return subprocess.Popen(argv, cwd=workdir, env=env, stdin=stdin, stdout=out,
-                                    stderr=err, start_new_session=True, close_fds=True,
-                                    **user)  # type: ignore[call-overload]
+            proc: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
+                argv, cwd=workdir, env=env, stdin=stdin, stdout=out, stderr=err,
+                start_new_session=True, close_fds=True, **user)
+            return proc
         except OSError as exc:
             code = 127 if isinstance(exc, FileNotFoundError) else 126
             message = f"dispatch: cannot run {request.spec.command!r}: {exc.strerror}\n"

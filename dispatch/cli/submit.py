@@ -57,7 +57,7 @@ def client_for(broker: str | None, client_id: str | None) -> Client:
 @click.option("--client-id", help="Reply queue to use (default: this user's).")
 @broker_option
 @click.pass_context
-def submit_command(ctx: click.Context, jobfile: Path | None, command: tuple[str, ...],
+def submit_command(ctx: click.Context, /, jobfile: Path | None, command: tuple[str, ...],
                    **opts: Any) -> None:
     """Submit a job from JOBFILE, -c CMD, or -- CMD ARGS...; print its id."""
     if jobfile is not None and (command or jobfile.suffix not in JOBFILE_SUFFIXES):
@@ -126,7 +126,8 @@ def follow(handle: JobHandle, out_dir: Path, timeout_s: float | None, as_json: b
         click.echo(f"dispatch: {exc}", err=True)
         return EXIT_TIMEOUT
     progress.close()
-    assert handle.last is not None
+    if handle.last is None:  # pragma: no cover - updates() ends only on a final reply
+        return EXIT_TIMEOUT
     return report(JobResult(handle.last), out_dir, as_json)
 
 
@@ -168,7 +169,8 @@ def wait_command(ctx: click.Context, job_ids: tuple[str, ...], timeout_s: float 
         record = output.load_saved(out_dir, job_id)
         if record is not None:
             statuses[job_id] = output.shell_status(record)
-            click.echo(json.dumps(record) if as_json else f"{job_id}  already done", err=not as_json)
+            text = json.dumps(record) if as_json else f"{job_id}  already done"
+            click.echo(text, err=not as_json)
         else:
             pending.append(job_id)
     if pending:
