@@ -61,8 +61,9 @@ def format_duration(seconds: float) -> str:
     days, rest = divmod(whole, 86400)
     hours, rest = divmod(rest, 3600)
     minutes, secs = divmod(rest, 60)
-    clock = f"{hours}:{minutes:02d}:{secs:02d}"
-    return f"{days}+{clock}" if days else clock
+    if days:
+        return f"{days}+{hours:02d}:{minutes:02d}:{secs:02d}"
+    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 def format_size_mib(mib: int) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from amqp_helpers import dead_letter_of, publish_job
 from dispatch.client import Client
 from dispatch.errors import ArchiveError, JobTimeoutError, UnroutableError
 from dispatch.job import JobSpec, JobState, JobUpdate, Resources
@@ -232,3 +233,24 @@ def test_results_are_extracted_safely(tmp_path: Path):
     with pytest.raises(ArchiveError):
         result.extract(tmp_path / "dest")
     assert not (tmp_path / "outside.txt").exists()
+
+
+def test_group_labels_steer_jobs_to_nodes_that_have_them(workers, client, pool):
+    workers.start("--group", "gpu", "--group", "fast", pools=(pool,))
+    ok = client.submit(JobSpec("true", requirements='stringListMember("gpu", Groups)',
+                               pool=pool)).wait(timeout_s=30)
+    assert ok.state is JobState.EXITED
+    refused = client.submit(JobSpec("true", requirements='stringListMember("tpu", Groups)',
+                                    pool=pool)).wait(timeout_s=30)
+    assert refused.state is JobState.REJECTED
+    assert "tpu" in (refused.reason or "")
+
+
+def test_an_expired_job_is_dead_lettered_by_the_broker_not_run(workers, amqp, pool):
+    proc = workers.start(pools=(pool,), slots=1)
+    proc.terminate()
+    proc.wait(timeout=15)
+    publish_job(amqp, pool, {"Cmd": "true"}, message_id="expires-fast", expiration="1")
+    dead = dead_letter_of(amqp, "expires-fast")
+    deaths = dead.properties["application_headers"]["x-death"]
+    assert deaths[0]["reason"] == "expired"
