@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from amqp_helpers import dead_letter_of, publish_job
 from dispatch.client import Client
 from dispatch.errors import ArchiveError, JobTimeoutError, UnroutableError
 from dispatch.job import JobSpec, JobState, JobUpdate, Resources
 from dispatch.result import JobResult
+
+from amqp_helpers import dead_letter_of, publish_job
 
 pytestmark = pytest.mark.timeout(90)
 

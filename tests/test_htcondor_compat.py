@@ -7,6 +7,7 @@ import uuid
 import zipfile
 
 import pytest
+
 from amqp_helpers import get_messages, headers_of, publish_job
 
 pytestmark = pytest.mark.timeout(60)

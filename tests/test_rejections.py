@@ -11,6 +11,7 @@ from typing import Any
 
 import kombu
 import pytest
+
 from amqp_helpers import dead_letter_of, get_messages, headers_of, publish_job, reply_queue
 from conftest import Workers
 
