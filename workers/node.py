@@ -329,7 +329,7 @@ class ExecuteNode:
         self.slots.give(request.spec.resources)
         self.jobs_done += 1
         state = JobState.REMOVED if outcome.removed else JobState.EXITED
-        log.info("job %s: %s code=%s signal=%s in %.3fs", request.job_id, state.value,
+        log.debug("job %s: %s code=%s signal=%s in %.3fs", request.job_id, state.value,
                  outcome.exit_code, outcome.exit_signal, outcome.duration_s)
         self._reply(active.env, state, archive, settle=lambda ok: self._settled(active, ok),
                     host=self.machine.name, exit_code=outcome.exit_code,
