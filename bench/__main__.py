@@ -40,14 +40,15 @@ def _machine(url: str) -> dict[str, Any]:
 
 
 def _source() -> dict[str, Any]:
-    """Return the commit measured and the files of dispatch/ and workers/ changed since."""
+    """Return the commit measured and the files changed since, as the snapshot is taken."""
     def git(*args: str) -> str:
         done = subprocess.run(["git", *args], cwd=testbed.REPO, capture_output=True, text=True,
                               check=False)
-        return done.stdout.strip()
-    changed = git("status", "--porcelain", "--", "dispatch", "workers").splitlines()
-    return {"commit": git("rev-parse", "--short", "HEAD"),
-            "uncommitted": [line[3:] for line in changed]}
+        return done.stdout
+
+    changed = git("status", "--porcelain", "--", "dispatch", "workers", "schemas").splitlines()
+    return {"commit": git("rev-parse", "--short", "HEAD").strip(),
+            "uncommitted": [line[3:] for line in changed if line.strip()]}
 
 
 def _load() -> list[float]:
@@ -59,6 +60,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     now = dt.datetime.now(dt.UTC)
     sizes = {"latency_jobs": args.latency_jobs, "warmup": args.warmup,
              "throughput_jobs": args.throughput_jobs}
+    testbed.snapshot(work)  # the code every Dispatch worker of this run will import
+    source = _source()
     with testbed.broker_url() as (url, where):
         print(f"bench: broker from {where}; work in {work}", file=sys.stderr)
         machine = {**_machine(url), "broker_source": where}
@@ -73,7 +76,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "date": now.isoformat(timespec="seconds"),
         "machine": machine,
         "load_average_1_5_15min": load,
-        "source": _source(),
+        "source": source,
         "sizes": sizes,
         "dispatch": dispatch,
         "celery": celery,

@@ -90,8 +90,10 @@ def _phase(url: str, work: Path, name: str, slots: int, body: Any) -> Any:
 
 def measure(url: str, work: Path, *, latency_jobs: int, warmup: int,
             throughput_jobs: int, latency_slots: int = 2) -> dict[str, Any]:
-    """Run the latency phase and the 1- and 2-slot throughput phases; return the figures."""
-    testbed.snapshot(work)
+    """Run the latency phase and the 1- and 2-slot throughput phases; return the figures.
+
+    Workers run from ``work/src``, which ``testbed.snapshot(work)`` must have filled.
+    """
     figures: dict[str, Any] = {}
     print(f"dispatch: latency, {latency_jobs} jobs one at a time ({latency_slots} slots)",
           file=sys.stderr)
