@@ -6,6 +6,8 @@ Latency is one job in flight, from ``submit`` to the final reply taken by
 
 from __future__ import annotations
 
+import os
+import pwd
 import sys
 import time
 import uuid
@@ -20,10 +22,25 @@ from dispatch.job import JobSpec
 TIMEOUT_S = 30.0
 
 
-def worker_argv(url: str, pool: str, slots: int, workdir_root: Path) -> list[str]:
-    """Return the command line of one execute node, as an operator would start it."""
-    return [sys.executable, "-m", "dispatch", "worker", "--broker", url, "--pool", pool,
+UNPRIVILEGED = "nobody"
+
+
+def worker_argv(url: str, pool: str, slots: int, workdir_root: Path,
+                run_as: str | None) -> list[str]:
+    """Return the command line of one execute node, as an operator would start it.
+
+    With ``run_as`` (and the bench running as root), the worker itself runs as that
+    account, as Celery's workers run tasks as their own user: no per-job user switch.
+    Without it, a root worker switches each job to ``nobody`` (the default ``--user``).
+    """
+    argv = [sys.executable, "-m", "dispatch", "worker", "--broker", url, "--pool", pool,
             "--slots", str(slots), "--workdir-root", str(workdir_root)]
+    if run_as and os.geteuid() == 0:
+        account = pwd.getpwnam(run_as)
+        argv = ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}",
+                "--clear-groups", *argv]
+        os.chown(workdir_root, account.pw_uid, account.pw_gid)
+    return argv
 
 
 def _spec(pool: str) -> JobSpec:
@@ -66,7 +83,8 @@ def run_throughput(client: Client, pool: str, jobs: int) -> float:
     return time.perf_counter() - started
 
 
-def _phase(url: str, work: Path, name: str, slots: int, body: Any) -> Any:
+def _phase(url: str, work: Path, name: str, slots: int, body: Any,
+           run_as: str | None = UNPRIVILEGED) -> Any:
     """Run ``body(client, pool)`` against a fresh pool served by a fresh worker.
 
     The worker runs from the snapshot in ``work/src`` (see ``testbed.snapshot``).
@@ -75,7 +93,7 @@ def _phase(url: str, work: Path, name: str, slots: int, body: Any) -> Any:
     root = work / f"jobs-{name}"
     root.mkdir(mode=0o755)
     root.chmod(0o755)
-    argv = worker_argv(url, pool, slots, root)
+    argv = worker_argv(url, pool, slots, root, run_as)
     queues = [topology.pool_queue(pool)]
     try:
         with testbed.subprocess_running(argv, work / f"worker-{name}.log",
@@ -99,7 +117,14 @@ def measure(url: str, work: Path, *, latency_jobs: int, warmup: int,
           file=sys.stderr)
     samples = _phase(url, work, "latency", latency_slots,
                      lambda c, p: run_latency(c, p, latency_jobs, warmup))
-    figures["latency"] = {**stats.latency_figures(samples), "slots": latency_slots}
+    figures["latency"] = {**stats.latency_figures(samples), "slots": latency_slots,
+                          "worker_user": UNPRIVILEGED}
+    print("dispatch: latency again, root worker switching each job to nobody",
+          file=sys.stderr)
+    samples = _phase(url, work, "latency-root", latency_slots,
+                     lambda c, p: run_latency(c, p, latency_jobs, warmup), run_as=None)
+    figures["latency_root_switching_user"] = {**stats.latency_figures(samples),
+                                              "slots": latency_slots, "worker_user": "root"}
     for slots in (1, 2):
         print(f"dispatch: throughput, {throughput_jobs} jobs in flight, {slots} slot(s)",
               file=sys.stderr)

@@ -71,6 +71,10 @@ def table(run: dict[str, Any]) -> str:
              cel("throughput", "jobs_per_s"), adv("throughput")),
         _row("throughput (jobs/s), 1 slot", d["throughput_1slot"]["jobs_per_s"], "-", ""),
     ]
+    root = d.get("latency_root_switching_user")
+    if root:
+        lines.append(_row("p50 (ms), root worker, jobs as nobody", root["p50_ms"], "-", ""))
+        lines.append(_row("p99 (ms), root worker, jobs as nobody", root["p99_ms"], "-", ""))
     return "\n".join(lines)
 
 

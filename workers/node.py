@@ -323,7 +323,7 @@ class ExecuteNode:
             return
         if job.has_pidfd:
             self._selector.unregister(job)
-        archive = self.runner.finish(job)
+        archive = self.runner.archive(job)
         request = active.request
         del self.running[request.job_id]
         self.slots.give(request.spec.resources)
@@ -335,6 +335,7 @@ class ExecuteNode:
                     host=self.machine.name, exit_code=outcome.exit_code,
                     exit_by_signal=outcome.exit_by_signal, exit_signal=outcome.exit_signal,
                     duration_s=round(outcome.duration_s, 6))
+        self.runner.cleanup(job)
         if request.spec.resources.cpus > 1:
             self._update_prefetch()
         self._start_waiting()

@@ -2,7 +2,7 @@
 
 The runner never blocks: ``start`` spawns the process and returns; the execute
 node's loop learns of the exit through ``RunningJob.fileno()`` (a pidfd) and then
-calls ``finish``. Killing reaches the whole process tree, including children that
+calls ``archive`` and ``cleanup``. Killing reaches the whole process tree, including children that
 left the job's process group.
 """
 
@@ -15,16 +15,15 @@ import os
 import pwd
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from dispatch.archive import ExtractLimits, safe_extract, zip_directory
 from dispatch.errors import ArchiveError, InvalidMessageError
 from dispatch.job import JobRequest
+from workers.spawn import Account, Process, spawn
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +42,8 @@ class Outcome:
     removed: bool = False
 
 
-@dataclass(frozen=True)
-class RunAs:
+class RunAs(Account):
     """The unprivileged account jobs run as when the worker runs as root."""
-
-    name: str
-    uid: int
-    gid: int
 
     @classmethod
     def lookup(cls, name: str) -> RunAs:
@@ -58,10 +52,22 @@ class RunAs:
         return cls(name, entry.pw_uid, entry.pw_gid)
 
 
+class FailedStart:
+    """Stands in for a process that could not be started: it has already exited."""
+
+    def __init__(self, code: int) -> None:
+        self.pid = 0
+        self.returncode = code
+
+    def poll(self) -> int:
+        """Return the shell-style status of the failed start (126 or 127)."""
+        return self.returncode
+
+
 class RunningJob:
     """A started job: its process, working directory and kill schedule."""
 
-    def __init__(self, request: JobRequest, workdir: Path, proc: subprocess.Popen[bytes],
+    def __init__(self, request: JobRequest, workdir: Path, proc: Process,
                  kill_grace_s: float) -> None:
         self.request = request
         self.workdir = workdir
@@ -73,10 +79,12 @@ class RunningJob:
         self.kill_grace_s = kill_grace_s
         self.killed_at: float | None = None
         self.removed = False
-        try:
-            self._pidfd: int | None = os.pidfd_open(proc.pid)
-        except (AttributeError, OSError):
-            self._pidfd = None
+        self._pidfd: int | None = None
+        if proc.pid:
+            try:
+                self._pidfd = os.pidfd_open(proc.pid)
+            except (AttributeError, OSError):
+                self._pidfd = None
 
     def fileno(self) -> int:
         """Return a descriptor that becomes readable when the process exits."""
@@ -103,11 +111,12 @@ class RunningJob:
             self.kill()
         elif self.killed_at is not None and now >= self.killed_at + self.kill_grace_s:
             signal_tree(self.proc.pid, signal.SIGKILL)
+            self.killed_at = now  # and again each grace period until it is gone
 
     def kill(self, *, removed: bool = False) -> None:
         """Start killing the job: ``KillSig`` now, SIGKILL after the grace period."""
         self.removed = self.removed or removed
-        if self.killed_at is None:
+        if self.killed_at is None and self.proc.pid:
             self.killed_at = time.monotonic()
             signal_tree(self.proc.pid, self.request.spec.kill_signal)
 
@@ -117,8 +126,9 @@ class RunningJob:
         if code is None:
             return None
         # Leftovers in the job's process group die with it (one syscall, no /proc scan).
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc.pid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
         duration = time.monotonic() - self.started_mono
         if code < 0:
             return Outcome(None, True, -code, duration, self.removed)
@@ -197,49 +207,51 @@ class Runner:
         return workdir
 
     def start(self, request: JobRequest, workdir: Path) -> RunningJob:
-        """Spawn the job's process in ``workdir``; a command that cannot run exits 126/127."""
+        """Start the job's process in ``workdir``; a command that cannot run exits 126/127."""
         spec = request.spec
         env = job_environment(request, workdir)
         out = _open_output(workdir / spec.stdout, self.run_as)
         err = out if spec.stderr == spec.stdout else _open_output(workdir / spec.stderr,
                                                                  self.run_as)
-        stdin = open(workdir / spec.stdin, "rb") if spec.stdin else subprocess.DEVNULL  # noqa: SIM115
+        stdin = (os.open(workdir / spec.stdin, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                 if spec.stdin else os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+        argv = [spec.command, *spec.arguments]
+        proc: Process
         try:
-            proc = self._spawn(request, workdir, env, stdin=stdin, out=out, err=err)
-        finally:
-            for f in {id(out): out, id(err): err}.values():
-                f.close()
-            if spec.stdin and not isinstance(stdin, int):
-                stdin.close()
-        return RunningJob(request, workdir, proc, self.kill_grace_s)
-
-    def _spawn(self, request: JobRequest, workdir: Path, env: dict[str, str], *,
-               stdin: object, out: object, err: object) -> subprocess.Popen[bytes]:
-        argv = [request.spec.command, *request.spec.arguments]
-        user = {} if self.run_as is None else {
-            "user": self.run_as.uid, "group": self.run_as.gid, "extra_groups": []}
-        try:
-            proc: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
-                argv, cwd=workdir, env=env, stdin=stdin, stdout=out, stderr=err,
-                start_new_session=True, close_fds=True, **user)
-            return proc
+            proc = spawn(argv, cwd=workdir, env=env, stdin=stdin, stdout=out, stderr=err,
+                         account=self.run_as)
         except OSError as exc:
             code = 127 if isinstance(exc, FileNotFoundError) else 126
-            message = f"dispatch: cannot run {request.spec.command!r}: {exc.strerror}\n"
-            with open(workdir / request.spec.stderr, "a", encoding="utf-8") as f:
-                f.write(message)
-            log.info("job %s: cannot run %r: %s", request.job_id, request.spec.command, exc)
-            return subprocess.Popen(["/bin/sh", "-c", f"exit {code}"], cwd=workdir,
-                                    start_new_session=True)
-
-    def finish(self, job: RunningJob, keep: bool = False) -> bytes:
-        """Zip the job's working directory, then remove it unless ``keep``."""
-        try:
-            return zip_directory(job.workdir)
+            os.write(err, f"dispatch: cannot run {spec.command!r}: {exc.strerror}\n".encode())
+            log.info("job %s: cannot run %r: %s", request.job_id, spec.command, exc)
+            proc = FailedStart(code)
         finally:
-            job.close()
-            if not keep:
-                shutil.rmtree(job.workdir, ignore_errors=True)
+            for fd in {stdin, out, err}:
+                os.close(fd)
+        return RunningJob(request, workdir, proc, self.kill_grace_s)
+
+    def archive(self, job: RunningJob) -> bytes:
+        """Return the zip of the job's working directory."""
+        job.close()
+        return zip_directory(job.workdir)
+
+    def cleanup(self, job: RunningJob) -> None:
+        """Remove the job's working directory (after its reply is on its way)."""
+        remove_tree(job.workdir)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a job directory: flat ones with a few syscalls, anything else with rmtree."""
+    try:
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
+        os.rmdir(path)
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def job_environment(request: JobRequest, workdir: Path) -> dict[str, str]:
@@ -257,12 +269,14 @@ def job_environment(request: JobRequest, workdir: Path) -> dict[str, str]:
     return env
 
 
-def _open_output(path: Path, run_as: RunAs | None) -> IO[bytes]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+def _open_output(path: Path, run_as: RunAs | None) -> int:
+    if not path.parent.exists():  # Out/Err may name a subdirectory
+        path.parent.mkdir(parents=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644)
     if run_as is not None:
         os.fchown(fd, run_as.uid, run_as.gid)
-    return os.fdopen(fd, "wb")
+    return fd
 
 
 def _chown_tree(root: Path, run_as: RunAs) -> None:

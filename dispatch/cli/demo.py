@@ -44,6 +44,7 @@ def demo_command(broker: str | None, private_broker: bool, no_install: bool,
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(_broker(broker, private_broker, not no_install))
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dispatch-demo.")))
+        work.chmod(0o755)  # a root worker runs jobs as nobody, who must reach their directories
         pool = f"demo-{uuid.uuid4().hex[:8]}"
         stack.enter_context(_worker(url, pool, work / "jobs"))
         client = stack.enter_context(Client(url))
