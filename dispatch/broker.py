@@ -55,6 +55,8 @@ def connect(url: str, *, heartbeat_s: int = DEFAULT_HEARTBEAT_S,
 
 def safe_url(url: str) -> str:
     """Return ``url`` with any password masked, for logs and error messages."""
+    if "://" not in url:
+        return "<broker url>"
     try:
         return str(kombu.Connection(url).as_uri(include_password=False))
     except Exception:
