@@ -137,3 +137,13 @@ def test_the_worker_command_is_available_and_documented(dispatch_cli):
     for option in ("--pool", "--slots", "--exchange", "--routing-key", "--queue",
                    "--workdir-root", "--user"):
         assert option in run.stdout
+
+
+def test_the_worker_describes_the_machine_requirements_are_matched_against(dispatch_cli):
+    run = dispatch_cli("worker", "--describe", "--slots", "3", "--memory", "2G",
+                       "--group", "gpu", "--group", "ssd", "--name", "node-7")
+    assert run.returncode == 0, run.stderr
+    attrs = json.loads(run.stdout)
+    assert attrs["Cpus"] == 3 and attrs["Memory"] == 2048
+    assert attrs["Machine"] == "node-7" and attrs["Groups"] == "gpu,ssd"
+    assert {"Arch", "OpSys", "Disk"} <= set(attrs)

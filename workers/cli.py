@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -37,10 +38,12 @@ log = logging.getLogger(__name__)
 @click.option("--kill-grace", type=float, default=5.0, show_default=True,
               help="Seconds between KillSig and SIGKILL.")
 @click.option("--burst", is_flag=True, help="Exit once the queues are empty and jobs are done.")
+@click.option("--describe", is_flag=True,
+              help="Print the machine attributes Requirements see (JSON) and exit.")
 def worker(broker: str, pools: tuple[str, ...], slots: int | None, memory: str | None,
            exchange: str | None, routing_key: str | None, queue: str | None,
            workdir_root: Path, user: str, groups: tuple[str, ...], name: str | None,
-           kill_grace: float, burst: bool) -> None:
+           kill_grace: float, burst: bool, describe: bool) -> None:
     """Run an execute node: take jobs from the pool queues and run them."""
     if not logging.getLogger().handlers or logging.getLogger().level > logging.INFO:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
@@ -70,6 +73,10 @@ def worker(broker: str, pools: tuple[str, ...], slots: int | None, memory: str |
         node = ExecuteNode(config)
     except KeyError:
         raise click.BadParameter(f"no such user {user!r}", param_hint="--user") from None
+    if describe:
+        click.echo(json.dumps(node.attrs, indent=2, sort_keys=True))
+        return
+    log.info("node %s: advertises %s", node.machine.name, json.dumps(node.attrs, sort_keys=True))
     node.install_signal_handlers()
     node.run()
     log.info("node %s: stopped after %d jobs", node.machine.name, node.jobs_done)
