@@ -66,18 +66,26 @@ def spawn(argv: list[str], *, cwd: Path, env: dict[str, str], stdin: int, stdout
         return subprocess.Popen(argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout,
                                 stderr=stderr, start_new_session=True, close_fds=True,
                                 user=account.uid, group=account.gid, extra_groups=[])
-    path = resolve(argv[0], env.get("PATH", ""), cwd)
     actions = [(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1),
                (os.POSIX_SPAWN_DUP2, stderr, 2)]
     previous = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.chdir(cwd)  # posix_spawn has no cwd argument in Python 3.11; the loop is single-threaded
-        pid = os.posix_spawn(path, argv, env, file_actions=actions, setsid=True,
-                             setsigdef=_DEFAULT_SIGNALS)
+        try:
+            pid = _posix_spawn(resolve(argv[0], env.get("PATH", ""), cwd), argv, env, actions)
+        except FileNotFoundError:
+            _which.cache_clear()  # the command moved since it was looked up: look again, once
+            pid = _posix_spawn(resolve(argv[0], env.get("PATH", ""), cwd), argv, env, actions)
     finally:
         os.fchdir(previous)
         os.close(previous)
     return SpawnedProcess(pid)
+
+
+def _posix_spawn(path: str, argv: list[str], env: dict[str, str],
+                 actions: list[tuple[int, int, int]]) -> int:
+    return os.posix_spawn(path, argv, env, file_actions=actions, setsid=True,
+                          setsigdef=_DEFAULT_SIGNALS)
 
 
 def resolve(command: str, search_path: str, cwd: Path) -> str:
@@ -109,7 +117,3 @@ def _check_executable(path: str) -> None:
     if not stat.S_ISREG(mode) or not os.access(path, os.X_OK):
         raise PermissionError(13, "Permission denied", path)
 
-
-def forget_cached_paths() -> None:
-    """Drop cached PATH lookups (after a command moved, say)."""
-    _which.cache_clear()
