@@ -65,9 +65,3 @@ def format_duration(seconds: float) -> str:
         return f"{days}+{hours:02d}:{minutes:02d}:{secs:02d}"
     return f"{hours}:{minutes:02d}:{secs:02d}"
 
-
-def format_size_mib(mib: int) -> str:
-    """Return a MiB count the short way: ``512M``, ``2G``."""
-    if mib and mib % 1024 == 0:
-        return f"{mib // 1024}G"
-    return f"{mib}M"

@@ -7,10 +7,11 @@ import signal
 import pytest
 
 from dispatch import headers
-from dispatch.errors import InvalidJobFileError, InvalidMessageError
-from dispatch.job import JobSpec, JobState, Resources
+from dispatch.errors import InvalidJobFileError, InvalidMessageError, JobRejectedError
+from dispatch.job import JobSpec, JobState, JobUpdate, Resources
 from dispatch.jobfile import parse_requirement_string, requirements_expression, spec_from_fields
 from dispatch.quantity import format_duration, parse_duration_s, parse_size_mib
+from dispatch.result import JobResult
 from dispatch.topology import ReplyAddress, pool_queue, reply_queue
 
 
@@ -152,3 +153,10 @@ def test_a_command_string_is_split_like_a_shell_line():
     spec = spec_from_fields({"command": ["/bin/echo", 1], "arguments": "x y",
                              "priority": "low", "requirements": {"time_limit": "1h"}})
     assert (spec.arguments, spec.priority, spec.time_limit_s) == (("1", "x", "y"), 1, 3600)
+
+
+def test_a_rejected_result_raises_with_its_reason_on_request():
+    rejected = JobResult(JobUpdate("j9", JobState.REJECTED, reason="Cmd: is required"))
+    with pytest.raises(JobRejectedError, match="j9 rejected: Cmd: is required"):
+        rejected.raise_for_rejection()
+    JobResult(JobUpdate("j8", JobState.EXITED, exit_code=0)).raise_for_rejection()

@@ -16,7 +16,7 @@ import os
 import selectors
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import kombu
 
 from dispatch import broker, headers, topology
 from dispatch.errors import DispatchError, InvalidJobError
-from dispatch.job import JobState
+from dispatch.job import JobRequest, JobState
 from workers import intake
 from workers.machine import Machine, detect
 from workers.replies import Replies
@@ -62,12 +62,11 @@ class NodeConfig:
 class Active:
     """A job this node holds: running, or waiting for a slot."""
 
-    message: Any
-    request: Any
+    message: Any  # a kombu Message (untyped)
+    request: JobRequest
     env: headers.Envelope
     delivery_tag: int | None
     job: RunningJob | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ExecuteNode:
