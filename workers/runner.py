@@ -142,12 +142,18 @@ class RunningJob:
 
 
 def signal_tree(pid: int, sig: int) -> None:
-    """Send ``sig`` to process group ``pid`` and to every descendant that left it."""
-    for child in _descendants(pid):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(child, sig)
+    """Send ``sig`` to process group ``pid`` and to every descendant that left it.
+
+    Descendants are found first (once their parent dies they can no longer be traced
+    to the job), but the group, with the job's own process, is signalled first, so the
+    job dies of the signal rather than seeing its children die of it.
+    """
+    escaped = _descendants(pid)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
+    for child in escaped:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(child, sig)
 
 
 def _descendants(root: int) -> list[int]:
