@@ -99,3 +99,31 @@ class ReplyAddress:
         if not self.exchange:
             return self.routing_key
         return f"/exchange/{self.exchange}/{self.routing_key}"
+
+
+def events_exchange() -> str:
+    """Return the durable topic exchange every lifecycle event is published to."""
+    return "dispatch.events"
+
+
+def control_exchange() -> str:
+    """Return the durable topic exchange of control messages (cancel, hold, drain)."""
+    return "dispatch.control"
+
+
+def ledger_queue() -> str:
+    """Return the ledger's durable queue, bound to every event."""
+    return "dispatch.ledger"
+
+
+def ledger_control_queue() -> str:
+    """Return the queue users' control requests (rm, hold, release) go to."""
+    return "dispatch.ledger.control"
+
+
+def node_control_queue(node: str) -> str:
+    """Return a node's durable control queue: it keeps cancels sent while the node is away."""
+    return f"dispatch.control.{check_pool_name(node)}"
+
+
+NODE_CONTROL_EXPIRES_S = 24 * 3600
