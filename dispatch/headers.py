@@ -46,6 +46,12 @@ KILL_SIG = "KillSig"
 REQUIREMENTS = "Requirements"
 MAX_ATTEMPTS = "MaxAttempts"
 JOB_NAME = "JobName"
+ARRAY_ID = "ArrayId"  # jobs of one `submit --array N` share it
+ARRAY_INDEX = "ArrayIndex"  # 0 .. ArraySize-1
+ARRAY_SIZE = "ArraySize"
+NOTIFY_USER = "NotifyUser"  # e-mail address for state-change notices (HTCondor's notify_user)
+NOTIFY_URL = "NotifyUrl"  # webhook receiving a JSON POST per notice
+NOTIFICATION = "Notification"  # Always | Complete | Error | Never (default Complete)
 # Both directions.
 JOB_ID = "JobId"
 ATTEMPT = "Attempt"
@@ -59,6 +65,7 @@ EXIT_BY_SIGNAL = "ExitBySignal"
 EXIT_SIGNAL = "ExitSignal"
 JOB_DURATION = "JobDuration"
 REASON = "Reason"
+HOLD_REASON = "HoldReason"
 
 MAX_HEADER_CHARS = 65536
 
