@@ -18,6 +18,10 @@ VARIABLES = {
     "DISPATCH_POOL": f"pool jobs go to when none is given (default {DEFAULT_POOL})",
     "DISPATCH_RESULTS_DIR": "where results are unpacked (default ./dispatch-results)",
     "DISPATCH_CONFIG_DIR": "where the client id is kept (default ~/.config/dispatch)",
+    "DISPATCH_LEDGER_URL": "ledger database URL (default sqlite:///<DISPATCH_DATA_DIR>/ledger.db)",
+    "DISPATCH_DATA_DIR": "where the default SQLite ledger lives (default ~/.local/share/dispatch)",
+    "DISPATCH_ADMINS": "comma-separated broker users who may rm/hold/release any job",
+    "DISPATCH_SMTP_URL": "SMTP server for job notices, smtp://[user:pass@]host:port",
 }
 
 

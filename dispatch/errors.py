@@ -6,7 +6,8 @@
     ├── BrokerError                 infrastructure; retrying may help
     │   ├── BrokerUnreachableError
     │   ├── UnroutableError         no queue is bound for the pool
-    │   └── PublishNackedError
+    │   ├── PublishNackedError
+    │   └── LedgerError            the ledger's database failed
     ├── InvalidJobError             the sender's fault; reject, never retry
     │   ├── InvalidMessageError     a job message that breaks the protocol
     │   ├── InvalidJobFileError     a job file that breaks jobfile.schema.json
@@ -42,6 +43,10 @@ class UnroutableError(BrokerError):
 
 class PublishNackedError(BrokerError):
     """Raised when the broker refuses responsibility for a published message."""
+
+
+class LedgerError(BrokerError):
+    """Raised when the ledger's database cannot be opened, read or written."""
 
 
 class InvalidJobError(DispatchError):

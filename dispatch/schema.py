@@ -21,6 +21,8 @@ from dispatch.errors import InvalidJobError
 JOB_REQUEST = "job-request"
 JOB_REPLY = "job-reply"
 JOBFILE = "jobfile"
+EVENT = "event"
+CONTROL = "control"
 
 
 def schemas_dir() -> Path:

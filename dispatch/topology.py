@@ -121,6 +121,16 @@ def ledger_control_queue() -> str:
     return "dispatch.ledger.control"
 
 
+def ledger_submitted_queue() -> str:
+    """Return the ledger's durable queue of submission copies, bound to the jobs exchange."""
+    return "dispatch.ledger.submitted"
+
+
+def ledger_queue_arguments() -> dict[str, object]:
+    """Return the arguments of the ledger's queues: what it cannot read is dead-lettered."""
+    return {"x-queue-type": "classic", "x-dead-letter-exchange": dead_letter_exchange()}
+
+
 def node_control_queue(node: str) -> str:
     """Return a node's durable control queue: it keeps cancels sent while the node is away."""
     return f"dispatch.control.{check_pool_name(node)}"

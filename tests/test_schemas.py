@@ -24,7 +24,7 @@ from workers.slots import Slots
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
 README = SCHEMAS / "README.md"
-SCHEMA_NAMES = (schema.JOB_REQUEST, schema.JOB_REPLY, schema.JOBFILE)
+SCHEMA_NAMES = (schema.JOB_REQUEST, schema.JOB_REPLY, schema.JOBFILE, schema.EVENT, schema.CONTROL)
 DEAD_LETTER_HEADERS = ("Reason", "x-dispatch-rejected-by", "x-original-exchange",
                        "x-original-routing-key")
 # Python keyword of headers.reply_headers -> the header it writes.
