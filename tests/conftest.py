@@ -18,6 +18,8 @@ import pytest
 from dispatch import topology
 from dispatch.client import Client
 
+pytest_plugins = ["fixtures_postgres"]
+
 ROOT = Path(__file__).resolve().parent.parent
 RABBITMQ_DIR = ROOT / "tests" / "rabbitmq"
 
