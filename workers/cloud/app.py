@@ -1,0 +1,62 @@
+"""The Celery app of the cloud plane, with its beat schedule. Configured from the environment.
+
+Run it as ``celery -A workers.cloud.app worker -E`` and ``celery -A workers.cloud.app beat``
+(both read the ``DISPATCH_*`` variables of :mod:`workers.cloud.settings`). JSON only:
+no pickle is accepted, sent or stored. Task events are on so Flower sees every task.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from workers.cloud.settings import CloudSettings
+
+REAP_TASK = "dispatch.cloud.reap"
+PROVISION_TASK = "dispatch.cloud.provision"
+AUTOSCALE_TASK = "dispatch.cloud.autoscale"
+
+
+def beat_schedule(settings: CloudSettings) -> dict[str, dict[str, Any]]:
+    """Return the periodic runs: reap always, autoscale when its interval is set.
+
+    A run that waited longer than its interval expires unrun, so a stopped worker
+    does not face a pile of stale runs when it comes back.
+    """
+    schedule: dict[str, dict[str, Any]] = {
+        "reap": {"task": REAP_TASK, "schedule": float(settings.reap_every_s),
+                 "options": {"expires": float(settings.reap_every_s)}},
+    }
+    if settings.autoscale_every_s:
+        schedule["autoscale"] = {"task": AUTOSCALE_TASK,
+                                 "schedule": float(settings.autoscale_every_s),
+                                 "options": {"expires": float(settings.autoscale_every_s)}}
+    return schedule
+
+
+def make_app(settings: CloudSettings | None = None) -> Celery:
+    """Return a Celery app for ``settings`` (read from the environment by default)."""
+    settings = settings or CloudSettings.from_env()
+    app = Celery("dispatch-cloud", broker=settings.broker_url, include=["workers.cloud.tasks"])
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        event_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_ignore_result=True,
+        task_default_queue=settings.task_queue,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        broker_heartbeat=settings.broker_heartbeat_s,
+        broker_connection_retry_on_startup=True,
+        worker_prefetch_multiplier=1,
+        timezone="UTC",
+        enable_utc=True,
+        beat_schedule=beat_schedule(settings),
+    )
+    return app
+
+
+app = make_app()
