@@ -135,7 +135,9 @@ class Confirms:
     ``publish`` never blocks for the confirm: it returns the sequence number, and
     ``on_settled(seq, ok)`` callbacks run from inside ``drain_events`` when the broker
     answers. ``wait_for(seq)`` blocks, for callers that want synchronous confirms.
-    Returned (unroutable, mandatory) messages are reported to ``on_return``.
+    Returned (unroutable, mandatory) messages are reported to ``on_return``; a publish
+    made with ``settle_returned_as_failed`` (its message needs a ``message_id``) settles
+    with ``ok=False`` when it comes back unroutable, so a caller can tell "nobody listens".
     """
 
     def __init__(self, channel: amqp.Channel,
@@ -144,6 +146,9 @@ class Confirms:
         self._next_seq = 1
         self._pending: dict[int, Callable[[bool], None] | None] = {}
         self._settled: dict[int, bool] = {}
+        self._watched: dict[str, int] = {}
+        self._watched_ids: dict[int, str] = {}
+        self._returned_seqs: set[int] = set()
         self._on_return = on_return
         channel.confirm_select()
         channel.events["basic_ack"].add(self._acked)
@@ -157,11 +162,16 @@ class Confirms:
 
     def publish(self, msg: amqp.Message, exchange: str, routing_key: str, *,
                 mandatory: bool = True,
-                on_settled: Callable[[bool], None] | None = None) -> int:
+                on_settled: Callable[[bool], None] | None = None,
+                settle_returned_as_failed: bool = False) -> int:
         """Publish ``msg`` and return its sequence number; the confirm arrives later."""
         seq = self._next_seq
         self._next_seq += 1
         self._pending[seq] = on_settled
+        if settle_returned_as_failed:
+            msg_id = str(msg.properties["message_id"])
+            self._watched[msg_id] = seq
+            self._watched_ids[seq] = msg_id
         self.channel.basic_publish(msg, exchange=exchange, routing_key=routing_key,
                                    mandatory=mandatory)
         return seq
@@ -184,11 +194,16 @@ class Confirms:
     def _settle(self, tag: int, multiple: bool, ok: bool) -> None:
         tags = [t for t in self._pending if t <= tag] if multiple else [tag]
         for t in tags:
+            t_ok = ok and t not in self._returned_seqs
+            self._returned_seqs.discard(t)
+            msg_id = self._watched_ids.pop(t, None)
+            if msg_id is not None:
+                self._watched.pop(msg_id, None)
             callback = self._pending.pop(t, None)
             if callback is not None:
-                callback(ok)
-            elif not ok:
-                self._settled[t] = ok
+                callback(t_ok)
+            elif not t_ok:
+                self._settled[t] = t_ok
 
     def _acked(self, delivery_tag: int, multiple: bool) -> None:
         self._settle(delivery_tag, multiple, True)
@@ -199,6 +214,10 @@ class Confirms:
     def _returned(self, exc: Exception, exchange: str, routing_key: str,
                   msg: amqp.Message) -> None:
         reason = getattr(exc, "reply_text", str(exc))
+        seq = self._watched.pop(str(msg.properties.get("message_id")), None)
+        if seq is not None:
+            self._returned_seqs.add(seq)
+            return
         if self._on_return is not None:
             self._on_return(msg, f"{reason} (exchange {exchange!r}, key {routing_key!r})")
         else:

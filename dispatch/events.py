@@ -109,11 +109,12 @@ def node_event(event: Event, *, node: str, **fields: Any) -> dict[str, Any]:
 
 
 def capture_request(properties: Mapping[str, Any], headers: Mapping[str, Any],
-                    body: bytes) -> dict[str, Any]:
+                    body: bytes | str) -> dict[str, Any]:
     """Return a job message as a msgpack-able map, so it can be published again later."""
     props = {k: v for k, v in properties.items()
              if k != "application_headers" and v is not None}
-    return {"properties": _plain(props), "headers": _plain(dict(headers)), "body": bytes(body)}
+    raw = body.encode("utf-8", "surrogateescape") if isinstance(body, str) else bytes(body)
+    return {"properties": _plain(props), "headers": _plain(dict(headers)), "body": raw}
 
 
 def encode(body: Mapping[str, Any]) -> bytes:

@@ -66,6 +66,7 @@ EXIT_SIGNAL = "ExitSignal"
 JOB_DURATION = "JobDuration"
 REASON = "Reason"
 HOLD_REASON = "HoldReason"
+ATTRIBUTE = "Attribute"  # names the attribute a chirp reply sets (its value is under that name)
 
 MAX_HEADER_CHARS = 65536
 
@@ -300,14 +301,19 @@ def reply_headers(state: JobState, env: Envelope, **fields: Any) -> dict[str, An
     """Return the headers of a reply in ``state``; ``fields`` use Python names.
 
     Accepted fields: host, started_at, exit_code, exit_by_signal, exit_signal,
-    duration_s, reason. Strings are ClassAd-quoted when the request was.
+    duration_s, reason, hold_reason, attempt, and ``attribute=(name, value)`` for an
+    attribute a running job published. Strings are ClassAd-quoted when the request was.
     """
     headers: dict[str, Any] = {
         JOB_ID: env.job_id,
         JOB_STATUS: state.status,
         JOB_STATE: state.value,
-        ATTEMPT: env.attempt,
+        ATTEMPT: fields.pop("attempt", None) or env.attempt,
     }
+    attribute = fields.pop("attribute", None)
+    if attribute is not None:
+        headers[ATTRIBUTE] = attribute[0]
+        headers[attribute[0]] = attribute[1]
     for name, value in fields.items():
         if value is not None:
             headers[_REPLY_FIELDS[name]] = value
@@ -324,6 +330,7 @@ _REPLY_FIELDS = {
     "exit_signal": EXIT_SIGNAL,
     "duration_s": JOB_DURATION,
     "reason": REASON,
+    "hold_reason": HOLD_REASON,
 }
 
 
@@ -345,7 +352,7 @@ def decode_reply(raw_headers: Mapping[str, Any], body: bytes) -> JobUpdate:
         exit_by_signal=bool(headers.get(EXIT_BY_SIGNAL, False)),
         exit_signal=headers.get(EXIT_SIGNAL),
         duration_s=float(duration) if duration is not None else None,
-        reason=headers.get(REASON),
+        reason=headers.get(REASON) or headers.get(HOLD_REASON),
         attempt=int(headers.get(ATTEMPT, 1)),
         archive=body,
         headers=headers,

@@ -17,6 +17,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,10 +213,15 @@ class Runner:
             raise
         return workdir
 
-    def start(self, request: JobRequest, workdir: Path) -> RunningJob:
-        """Start the job's process in ``workdir``; a command that cannot run exits 126/127."""
+    def start(self, request: JobRequest, workdir: Path, *,
+              extra_env: Mapping[str, str] | None = None) -> RunningJob:
+        """Start the job's process in ``workdir``; a command that cannot run exits 126/127.
+
+        ``extra_env`` comes from the node (chirp's socket and token) and wins over the job's.
+        """
         spec = request.spec
         env = job_environment(request, workdir)
+        env.update(extra_env or {})
         out = _open_output(workdir / spec.stdout, self.run_as)
         err = out if spec.stderr == spec.stdout else _open_output(workdir / spec.stderr,
                                                                  self.run_as)

@@ -1,0 +1,104 @@
+"""A node's lifecycle events: claims, job events and heartbeats on the events exchange.
+
+Claims and heartbeats are published ``mandatory``: when nothing is bound to the
+events exchange (no ledger runs), they come back, and the node knows that nobody
+keeps its events. It then skips job events and claims (the fast path of the first
+issue: the job message stays unacked until its final reply is safe) and asks
+again with the next heartbeat.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import amqp
+
+from dispatch import broker, events, topology
+from dispatch.events import Event
+
+log = logging.getLogger(__name__)
+
+Settle = Callable[[bool], None]
+
+
+class Announcer:
+    """Publishes one node's events through the node's confirm-mode channel."""
+
+    def __init__(self, confirms: broker.Confirms, node: str) -> None:
+        self.confirms = confirms
+        self.node = node
+        #: Whether a ledger listens: unknown (None) until a claim or heartbeat settles.
+        self.listening: bool | None = None
+        self._heartbeats = 0
+
+    @property
+    def claims_wanted(self) -> bool:
+        """Tell whether jobs should be claimed (a ledger listens, or nobody knows yet)."""
+        return self.listening is not False
+
+    def claim(self, *, job_id: str, attempt: int, pool: str, request: Mapping[str, Any],
+              lease_s: float, settle: Settle) -> None:
+        """Publish a job's claim; ``settle(True)`` once a ledger holds it, else ``False``."""
+        body = events.job_event(Event.CLAIMED, job_id=job_id, attempt=attempt, pool=pool,
+                                node=self.node, host=self.node, request=dict(request),
+                                lease_s=lease_s)
+
+        def claimed(ok: bool) -> None:
+            self.listening = ok
+            settle(ok)
+
+        self._publish(body, events.routing_key(Event.CLAIMED, pool), settle=claimed,
+                      watch=True)
+
+    def job(self, event: Event, *, job_id: str, attempt: int, pool: str,
+            settle: Settle | None = None, **fields: Any) -> None:
+        """Publish a job event (running, attribute, exited, ...) when a ledger listens."""
+        if self.listening is False:
+            if settle is not None:
+                settle(True)
+            return
+        body = events.job_event(event, job_id=job_id, attempt=attempt, pool=pool,
+                                node=self.node, **fields)
+        self._publish(body, events.routing_key(event, pool), settle=settle)
+
+    def heartbeat(self, **fields: Any) -> None:
+        """Publish a heartbeat (the lease renewal of every job listed in it)."""
+        self._heartbeats += 1
+        body = events.node_event(Event.HEARTBEAT, node=self.node, seq=self._heartbeats,
+                                 **fields)
+
+        def heard(ok: bool) -> None:
+            if ok != self.listening:
+                log.info("node %s: %s", self.node,
+                         "a ledger keeps this node's events" if ok
+                         else "no ledger listens; jobs are acked at their end")
+            self.listening = ok
+
+        self._publish(body, events.routing_key(Event.HEARTBEAT, self.node), settle=heard,
+                      watch=True)
+
+    def offline(self, reason: str, settle: Settle | None = None) -> None:
+        """Publish that this node stops serving."""
+        body = events.node_event(Event.OFFLINE, node=self.node, reason=reason)
+        self._publish(body, events.routing_key(Event.OFFLINE, self.node), settle=settle)
+
+    def _publish(self, body: dict[str, Any], key: str, *, settle: Settle | None,
+                 watch: bool = False) -> None:
+        msg = broker.message(events.encode(body), {}, content_type=events.CONTENT_TYPE,
+                             message_id=_message_id(body))
+        self.confirms.publish(msg, topology.events_exchange(), key, mandatory=watch,
+                              on_settled=settle, settle_returned_as_failed=watch)
+
+
+def _message_id(body: Mapping[str, Any]) -> str:
+    if body["event"] == Event.HEARTBEAT.value:
+        return f"{body['node']}/heartbeat/{body['seq']}/{body['at']}"
+    return events.event_id(body)
+
+
+def declare(channel: amqp.Channel) -> None:
+    """Declare the events exchange (once per connection)."""
+    channel.exchange_declare(topology.events_exchange(), "topic", durable=True,
+                             auto_delete=False)
