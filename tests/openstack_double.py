@@ -13,6 +13,7 @@ import datetime
 import json
 import re
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -57,6 +58,7 @@ class State:
     failing_images: set[str] = field(default_factory=set)
     address: str = "127.0.0.1"
     console_output: str = ""
+    delete_delay_s: float = 0.0  # a slow cloud: lets overlapping reap runs really overlap
 
 
 class OpenStackDouble:
@@ -201,6 +203,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = url.path.rstrip("/") or "/"
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
         double = self.double
+        if method == "DELETE" and double.state.delete_delay_s:
+            time.sleep(double.state.delete_delay_s)
         with double.lock:
             double.state.requests.append(Recorded(method, path, body))
             if not path.startswith("/identity") and \
