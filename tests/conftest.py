@@ -18,7 +18,7 @@ import pytest
 from dispatch import topology
 from dispatch.client import Client
 
-pytest_plugins = ["fixtures_postgres"]
+pytest_plugins = ["fixtures_postgres", "fixtures_ledger"]
 
 ROOT = Path(__file__).resolve().parent.parent
 RABBITMQ_DIR = ROOT / "tests" / "rabbitmq"
@@ -75,6 +75,8 @@ class Workers:
         cmd = [sys.executable, "-m", "dispatch", "worker", "--broker", self.broker_url,
                "--workdir-root", str(self.workdir_root), "--slots", str(slots), "--kill-grace",
                "1", *(a for p in pools for a in ("--pool", p)), *args]
+        if "--name" not in args:  # node names are unique, as in a real cluster
+            cmd += ["--name", f"node{len(self.procs)}-{uuid.uuid4().hex[:6]}"]
         with (self.log_dir / f"worker-{len(self.procs)}.log").open("wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         self.procs.append(proc)

@@ -13,7 +13,7 @@ from importlib.metadata import entry_points
 
 import click
 
-from dispatch.cli import demo, listen, submit
+from dispatch.cli import control, demo, ledger, listen, queries, submit, users
 from dispatch.errors import DispatchError, InvalidJobError
 
 EXIT_USAGE = 2
@@ -33,6 +33,16 @@ cli.add_command(submit.submit_command)
 cli.add_command(submit.wait_command)
 cli.add_command(listen.listen_command)
 cli.add_command(demo.demo_command)
+cli.add_command(ledger.ledger_command)
+cli.add_command(queries.q_command)
+cli.add_command(queries.q_command, "ls")
+cli.add_command(queries.history_command)
+cli.add_command(queries.stat_command)
+cli.add_command(queries.explain_command)
+cli.add_command(control.rm_command)
+cli.add_command(control.hold_command)
+cli.add_command(control.release_command)
+cli.add_command(users.users_command)
 for _entry in entry_points(group="dispatch.commands"):
     cli.add_command(_entry.load(), _entry.name)
 

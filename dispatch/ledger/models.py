@@ -69,6 +69,7 @@ class JobRow(Base):
     started_at: Mapped[datetime.datetime | None]
     finished_at: Mapped[datetime.datetime | None] = mapped_column(index=True)
     lease_renewed_at: Mapped[datetime.datetime | None]
+    lease_expires_at: Mapped[datetime.datetime | None] = mapped_column(index=True)
     lease_s: Mapped[float | None]
     host: Mapped[str | None]
     exit_code: Mapped[int | None]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Engine, create_engine, event, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -104,10 +104,15 @@ class Ledger:
         return self.apply_batch([body]).applied[0]
 
     def apply_batch(self, bodies: Sequence[Mapping[str, Any]],
-                    submissions: Sequence[Mapping[str, Any]] = ()) -> BatchResult:
-        """Record ``submissions`` (captured job messages) then apply ``bodies``, in one commit."""
-        for body in bodies:
-            check_event(body)
+                    submissions: Sequence[Mapping[str, Any]] = (), *,
+                    checked: bool = False) -> BatchResult:
+        """Record ``submissions`` (captured job messages) then apply ``bodies``, in one commit.
+
+        ``checked`` says the caller already ran :func:`check_event` on every body.
+        """
+        if not checked:
+            for body in bodies:
+                check_event(body)
         result = BatchResult()
         with self.transaction() as session:
             applier = Applier(session)
@@ -159,6 +164,18 @@ class Ledger:
             rows = list(session.scalars(query))
             attrs = _attributes(session, [r.job_id for r in rows])
             return [job_record(r, attrs.get(r.job_id)) for r in rows]
+
+    def queued_ahead(self, job: JobRecord) -> int:
+        """Return how many idle jobs of ``job``'s pool a node would take before it."""
+        first = JobRow.priority > job.priority
+        if job.submitted_at is not None:
+            first = first | ((JobRow.priority == job.priority)
+                             & (JobRow.submitted_at < job.submitted_at))
+        query = (select(func.count()).select_from(JobRow)
+                 .where(JobRow.pool == job.pool, JobRow.state == LedgerState.IDLE.value,
+                        JobRow.job_id != job.job_id, first))
+        with self.transaction() as session:
+            return int(session.scalar(query) or 0)
 
     def history(self, job_id: str) -> list[HistoryEntry]:
         """Return the state changes of one job, oldest first."""

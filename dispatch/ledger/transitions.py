@@ -32,6 +32,8 @@ from dispatch.ledger.records import FINAL_STATES, LedgerState
 log = logging.getLogger(__name__)
 
 _CHUNK = 500
+#: Lease of a claim that names none.
+DEFAULT_LEASE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class Rebroadcast:
 
 @dataclass(frozen=True)
 class StateChange:
-    """A job entered a new state (for notices)."""
+    """A job that asked for notices entered a new state."""
 
     job_id: str
     state: LedgerState
@@ -139,7 +141,8 @@ class Applier:
         """Move ``job`` to ``state``, noting the change for notices."""
         if job.state != state.value:
             job.state = state.value
-            self.effects.changes.append(StateChange(job.job_id, state))
+            if job.notify_user or job.notify_url:
+                self.effects.changes.append(StateChange(job.job_id, state))
 
     def describe(self, job: JobRow, request: Mapping[str, Any] | None) -> None:
         """Fill the job's request columns from a captured request, once."""
@@ -205,7 +208,7 @@ class Applier:
             job = self.job(str(entry.get("job_id")))
             if (job is not None and int(entry.get("attempt", 1)) == job.attempt
                     and LedgerState(job.state).is_active and job.host == name):
-                job.lease_renewed_at = max(at, job.lease_renewed_at or at)
+                renew_lease(job, at)
         return True
 
     def _offline(self, body: Mapping[str, Any], at: datetime.datetime) -> bool:
@@ -236,6 +239,18 @@ def _update_node(node: NodeRow, body: Mapping[str, Any], at: datetime.datetime) 
         node.offline_at, node.offline_reason = None, None
 
 
+def renew_lease(job: JobRow, at: datetime.datetime) -> None:
+    """Extend a job's lease from ``at`` (never shorten it)."""
+    if job.lease_renewed_at is None or at > job.lease_renewed_at:
+        job.lease_renewed_at = at
+        job.lease_expires_at = at + datetime.timedelta(seconds=job.lease_s or DEFAULT_LEASE_S)
+
+
+def end_lease(job: JobRow) -> None:
+    """Forget a job's lease: no node holds it."""
+    job.lease_renewed_at = job.lease_expires_at = None
+
+
 def _maybe_time(value: Any) -> datetime.datetime | None:
     return parse_time(value) if value else None
 
@@ -252,8 +267,10 @@ def _detail(body: Mapping[str, Any]) -> str | None:
 def _claimed(a: Applier, job: JobRow, body: Mapping[str, Any], at: datetime.datetime) -> None:
     a.describe(job, body.get("request"))
     a.set_state(job, LedgerState.CLAIMED)
-    job.host, job.claimed_at, job.lease_renewed_at = body.get("host"), at, at
+    job.host, job.claimed_at = body.get("host"), at
     job.lease_s = float(body.get("lease_s") or 0) or None
+    job.lease_renewed_at = None
+    renew_lease(job, at)
     job.reason = None
 
 
@@ -261,7 +278,7 @@ def _running(a: Applier, job: JobRow, body: Mapping[str, Any], at: datetime.date
     a.set_state(job, LedgerState.RUNNING)
     job.host = body.get("host") or job.host
     job.started_at = _maybe_time(body.get("started_at")) or at
-    job.lease_renewed_at = max(at, job.lease_renewed_at or at)
+    renew_lease(job, at)
 
 
 def _attribute(a: Applier, job: JobRow, body: Mapping[str, Any], at: datetime.datetime) -> None:
@@ -281,7 +298,7 @@ def _finished(a: Applier, job: JobRow, body: Mapping[str, Any], at: datetime.dat
     job.host = body.get("host") or job.host
     if body.get("duration_s") is not None:
         job.duration_s = float(body["duration_s"])
-    job.lease_renewed_at = None
+    end_lease(job)
 
 
 def _exited(a: Applier, job: JobRow, body: Mapping[str, Any], at: datetime.datetime) -> None:
@@ -308,12 +325,13 @@ def _held(a: Applier, job: JobRow, body: Mapping[str, Any], at: datetime.datetim
     a.describe(job, body.get("request"))
     a.set_state(job, LedgerState.HELD)
     job.reason = body.get("reason") or job.reason
-    job.lease_renewed_at = None
+    end_lease(job)
 
 
 def _idle(a: Applier, job: JobRow, body: Mapping[str, Any], at: datetime.datetime) -> None:
     a.set_state(job, LedgerState.IDLE)
-    job.host, job.lease_renewed_at, job.started_at = None, None, None
+    job.host, job.started_at = None, None
+    end_lease(job)
     job.reason = body.get("reason")
 
 

@@ -1,0 +1,68 @@
+"""``dispatch ledger``: run the ledger service, and the ``--db`` option the query verbs share."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+import click
+
+from dispatch.config import DEFAULT_BROKER_URL
+from dispatch.ledger.notify import Notifier
+from dispatch.ledger.service import LedgerService, ServiceSettings
+from dispatch.ledger.store import Ledger
+from dispatch.topology import check_pool_name
+
+from .submit import broker_option
+
+log = logging.getLogger(__name__)
+
+
+def db_option(f: Any) -> Any:
+    """Add ``--db`` (default: DISPATCH_LEDGER_URL, else the SQLite file) to a command."""
+    return click.option("--db", envvar="DISPATCH_LEDGER_URL", show_envvar=True, metavar="URL",
+                        help="Ledger database URL (sqlite:///PATH or "
+                             "postgresql+psycopg://USER@HOST/DB).")(f)
+
+
+def _pool(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    try:
+        return tuple(check_pool_name(v) for v in values)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.command("ledger")
+@broker_option
+@db_option
+@click.option("--pool", "pools", multiple=True, callback=_pool,
+              help="Track this pool's submissions from the start (repeatable; pools named "
+                   "in node heartbeats are tracked too).")
+@click.option("--lease-check-s", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              help="How often expired leases are looked for.")
+@click.option("--batch-max", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Most messages applied in one transaction.")
+def ledger_command(broker: str | None, db: str | None, pools: tuple[str, ...],
+                   lease_check_s: float, batch_max: int) -> None:
+    """Record every job and node from the event stream; re-dispatch expired leases."""
+    if not logging.getLogger().handlers or logging.getLogger().level > logging.INFO:
+        logging.getLogger().setLevel(logging.INFO)
+    admins = frozenset(a.strip() for a in os.environ.get("DISPATCH_ADMINS", "").split(",")
+                       if a.strip())
+    settings = ServiceSettings(broker_url=broker or DEFAULT_BROKER_URL, pools=pools,
+                               lease_check_s=lease_check_s, batch_max=batch_max, admins=admins)
+    ledger = Ledger.open(db)
+    notifier = Notifier(os.environ.get("DISPATCH_SMTP_URL") or None,
+                        os.environ.get("DISPATCH_SMTP_FROM") or None)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    click.echo(f"dispatch ledger: database {ledger.engine.url.render_as_string()}", err=True)
+    try:
+        LedgerService(settings, ledger, notifier).run(stop)
+    finally:
+        notifier.close()
+        ledger.close()

@@ -1,0 +1,228 @@
+"""``dispatch ledger``: the service that turns events into ledger rows.
+
+One connection, one channel. It consumes three queues:
+
+- ``dispatch.ledger`` (bound to ``dispatch.events`` with ``#``): every event;
+- ``dispatch.ledger.submitted`` (bound to ``dispatch.jobs`` with each tracked pool's
+  key): a copy of every job message, so a queued job is in the ledger as ``Idle``;
+- ``dispatch.ledger.control``: users' rm/hold/release requests.
+
+It works in batches: take what is ready (up to ``batch_max``), apply it in one
+transaction, publish what follows from it (broadcasts, answers) with confirms, then
+ack everything with one ``multiple`` ack. An unreadable message is logged and
+dead-lettered. Between batches, once the queues are drained, expired leases are handled.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import kombu
+
+from dispatch import broker, events, headers, topology
+from dispatch.errors import DispatchError, InvalidMessageError
+from dispatch.ledger import control
+from dispatch.ledger.leases import expire_leases
+from dispatch.ledger.notify import Notifier
+from dispatch.ledger.publisher import AmqpPublisher
+from dispatch.ledger.store import Ledger, check_event, utcnow
+
+log = logging.getLogger(__name__)
+
+EVENT, SUBMITTED, CONTROL = "event", "submitted", "control"
+_RECOVERABLE: tuple[type[BaseException], ...] = (DispatchError, *broker.CONNECTION_ERRORS)
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """How ``dispatch ledger`` runs."""
+
+    broker_url: str
+    pools: tuple[str, ...] = ()
+    lease_check_s: float = 5.0
+    batch_max: int = 1000
+    admins: frozenset[str] = frozenset()
+
+
+@dataclass
+class _Delivery:
+    kind: str
+    message: Any
+
+
+class LedgerService:
+    """The consumer loop; :meth:`run` returns when ``stop`` is set."""
+
+    def __init__(self, settings: ServiceSettings, ledger: Ledger,
+                 notifier: Notifier | None = None) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.notifier = notifier
+        self.user = str(kombu.Connection(settings.broker_url).userid or "")
+        self.admins = settings.admins | {self.user}
+        self._inbox: list[_Delivery] = []
+        self._pools: set[str] = set()
+        self._last_check = 0.0
+
+    def run(self, stop: threading.Event) -> None:
+        """Consume until ``stop`` is set, reconnecting after broker or database failures."""
+        while not stop.is_set():
+            try:
+                with broker.connect(self.settings.broker_url) as conn:
+                    self._serve(conn, stop)
+            except _RECOVERABLE as exc:
+                log.error("ledger: %s; starting again in 2 s", exc)
+                self._inbox.clear()  # unacked deliveries come back by themselves
+                stop.wait(2.0)
+
+    def _serve(self, conn: kombu.Connection, stop: threading.Event) -> None:
+        channel = conn.default_channel
+        with broker.translated("declaring the ledger's queues"):
+            self._declare(channel)
+            self.publisher = AmqpPublisher(channel, self.user)
+            self._pools = set()
+            self._track_pools(channel, {*self.settings.pools,
+                                        *(p for n in self.ledger.nodes() for p in n.pools)})
+            for kind, queue in ((EVENT, topology.ledger_queue()),
+                                (SUBMITTED, topology.ledger_submitted_queue()),
+                                (CONTROL, topology.ledger_control_queue())):
+                kombu.Consumer(channel, queues=[kombu.Queue(queue, no_declare=True)],
+                               accept=[events.CONTENT_TYPE], no_ack=False,
+                               on_message=self._collector(kind)).consume()
+        log.info("ledger: consuming events as %s", self.user)
+        while not stop.is_set():
+            drained = self._fill(conn)
+            if self._inbox:
+                self._process(channel)
+            if drained and time.monotonic() - self._last_check >= self.settings.lease_check_s:
+                self._last_check = time.monotonic()
+                handled = expire_leases(self.ledger, self.publisher, utcnow())
+                if handled:
+                    log.info("ledger: %d expired lease(s) handled", len(handled))
+            conn.heartbeat_check()
+
+    def _declare(self, channel: Any) -> None:
+        channel.basic_qos(0, self.settings.batch_max, False)
+        broker.declare_dead_letter(channel)
+        for exchange in (topology.events_exchange(), topology.control_exchange()):
+            channel.exchange_declare(exchange, "topic", durable=True, auto_delete=False)
+        channel.exchange_declare(topology.jobs_exchange(), "direct", durable=True,
+                                 auto_delete=False)
+        args = topology.ledger_queue_arguments()
+        for queue in (topology.ledger_queue(), topology.ledger_submitted_queue(),
+                      topology.ledger_control_queue()):
+            channel.queue_declare(queue, durable=True, auto_delete=False, arguments=args)
+        channel.queue_bind(topology.ledger_queue(), topology.events_exchange(), routing_key="#")
+
+    def _track_pools(self, channel: Any, pools: set[str]) -> None:
+        """Make sure each pool has its queue and the ledger sees its submissions."""
+        for pool in sorted(pools - self._pools):
+            try:
+                broker.declare_pool(channel, pool)
+            except ValueError:
+                log.warning("ledger: ignoring invalid pool name %r", pool)
+                continue
+            channel.queue_bind(topology.ledger_submitted_queue(), topology.jobs_exchange(),
+                               routing_key=pool)
+            self._pools.add(pool)
+            log.info("ledger: tracking pool %s", pool)
+
+    def _collector(self, kind: str) -> Callable[[Any], None]:
+        def collect(message: Any) -> None:
+            self._inbox.append(_Delivery(kind, message))
+        return collect
+
+    def _fill(self, conn: kombu.Connection) -> bool:
+        """Take deliveries until none is ready or the batch is full; True when drained."""
+        timeout = 1.0 if not self._inbox else 0.05
+        while len(self._inbox) < self.settings.batch_max:
+            try:
+                conn.drain_events(timeout=timeout)
+            except TimeoutError:
+                return True
+            timeout = 0.01
+        return False
+
+    def _process(self, channel: Any) -> None:
+        batch, self._inbox = self._inbox, []
+        bodies: list[dict[str, Any]] = []
+        subs: list[dict[str, Any]] = []
+        controls: list[tuple[Any, dict[str, Any]]] = []
+        pools: set[str] = set()
+        rejected: set[int] = set()
+        now = utcnow()
+        for item in batch:
+            msg = item.message
+            try:
+                if item.kind == EVENT:
+                    body = _event_body(msg)
+                    bodies.append(body)
+                    if body["event"] == events.Event.HEARTBEAT.value:
+                        pools.update(str(p) for p in body.get("pools") or ())
+                elif item.kind == SUBMITTED:
+                    sub = _submission(msg, now)
+                    if sub is not None:
+                        subs.append(sub)
+                else:
+                    controls.append((msg, events.decode(msg.body, what="control")))
+            except InvalidMessageError as exc:
+                log.warning("ledger: dead-lettering an unreadable %s message: %s",
+                            item.kind, exc.reason)
+                channel.basic_reject(msg.delivery_tag, requeue=False)
+                rejected.add(msg.delivery_tag)
+        result = self.ledger.apply_batch(bodies, subs, checked=True)
+        if result.effects.rebroadcasts:
+            control.rebroadcast(self.publisher, result.effects.rebroadcasts, now)
+        for msg, body in controls:
+            self._control(channel, msg, body, now)
+        self.publisher.flush()
+        tags = [i.message.delivery_tag for i in batch if i.message.delivery_tag not in rejected]
+        if tags:
+            channel.basic_ack(max(tags), multiple=True)
+        self._track_pools(channel, pools)
+        if self.notifier is not None and result.effects.changes:
+            self.notifier.notify(self.ledger, result.effects.changes)
+
+    def _control(self, channel: Any, msg: Any, body: dict[str, Any],
+                 now: datetime.datetime) -> None:
+        reply_to = msg.properties.get("reply_to")
+        correlation_id = msg.properties.get("correlation_id")
+        try:
+            request = control.parse_request(body, msg.properties.get("user_id"))
+        except InvalidMessageError as exc:
+            log.warning("ledger: refusing a control request: %s", exc.reason)
+            if reply_to:
+                self.publisher.answer(reply_to, correlation_id, {
+                    "op": str(body.get("op")), "ok": False, "error": exc.reason, "results": []})
+            return
+        outcomes = control.handle(self.ledger, self.publisher, request, admins=self.admins,
+                                  now=now)
+        if reply_to:
+            self.publisher.answer(reply_to, correlation_id,
+                                  control.answer(request.op.value, outcomes))
+
+
+def _event_body(message: Any) -> dict[str, Any]:
+    if message.content_type not in (events.CONTENT_TYPE, None, ""):
+        raise InvalidMessageError(f"is {message.content_type!r}, not {events.CONTENT_TYPE}",
+                                  field="content_type")
+    body = events.decode(message.body)
+    check_event(body)
+    return body
+
+
+def _submission(message: Any, now: datetime.datetime) -> dict[str, Any] | None:
+    """Return a captured job message to record, or None for one the ledger itself sent again."""
+    raw = message.headers or {}
+    if headers.envelope(message.properties, raw).attempt > 1:
+        return None
+    if not message.properties.get("message_id"):
+        return None  # without an id the node invents one; the claim will tell
+    request = events.capture_request(message.properties, raw, message.body)
+    return {**request, "pool": message.delivery_info.get("routing_key") or "", "at": now}

@@ -1,0 +1,190 @@
+"""Fixtures for the ledger: a private vhost per test, the real ``dispatch ledger`` process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import amqp
+import kombu
+import pytest
+
+from dispatch import events, topology
+from dispatch.ledger import Ledger
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def vhost(rabbitmq_proc: Any) -> Iterator[str]:
+    """A fresh vhost (the ledger's queue names are fixed, so each test gets its own)."""
+    name = f"ledger-{uuid.uuid4().hex[:10]}"
+    rabbitmq_proc.rabbitctl_output("add_vhost", name)
+    rabbitmq_proc.rabbitctl_output("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    yield name
+    rabbitmq_proc.rabbitctl_output("delete_vhost", name)
+
+
+@pytest.fixture
+def vhost_url(rabbitmq_proc: Any, vhost: str) -> str:
+    """The guest URL of this test's vhost."""
+    return f"amqp://guest:guest@{rabbitmq_proc.host}:{rabbitmq_proc.port}/{vhost}"
+
+
+def user_url(rabbitmq_proc: Any, vhost: str, user: str, password: str) -> str:
+    """Return the URL of ``user`` on ``vhost``."""
+    return f"amqp://{user}:{password}@{rabbitmq_proc.host}:{rabbitmq_proc.port}/{vhost}"
+
+
+class LedgerProcess:
+    """A ``dispatch ledger`` subprocess and the database it writes."""
+
+    def __init__(self, url: str, db_url: str, log_path: Path) -> None:
+        self.url, self.db_url, self.log_path = url, db_url, log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *args: str, env: dict[str, str] | None = None) -> LedgerProcess:
+        """Start the service; return once it consumes its control queue."""
+        cmd = [sys.executable, "-m", "dispatch", "ledger", "--broker", self.url, "--db",
+               self.db_url, "--lease-check-s", "0.3", *args]
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                         env={**os.environ, **(env or {})})
+        wait_consumed(self.url, topology.ledger_control_queue(), self)
+        return self
+
+    def log(self) -> str:
+        """Return what the service wrote so far."""
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def stop(self) -> None:
+        """SIGTERM the service and wait for it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def ledger(self) -> Ledger:
+        """Open the service's database (close it when done)."""
+        return Ledger.open(self.db_url)
+
+    def wait_for(self, check: Callable[[Ledger], Any], timeout_s: float = 20.0) -> Any:
+        """Poll the database until ``check`` returns something truthy; return it."""
+        deadline = time.monotonic() + timeout_s
+        led = self.ledger()
+        try:
+            while True:
+                found = check(led)
+                if found:
+                    return found
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(f"ledger exited: {self.log()}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"ledger never got there: {self.log()}")
+                time.sleep(0.05)
+        finally:
+            led.close()
+
+
+def wait_consumed(url: str, queue: str, owner: LedgerProcess, timeout_s: float = 20.0) -> None:
+    """Wait until ``queue`` has a consumer."""
+    deadline = time.monotonic() + timeout_s
+    with kombu.Connection(url, heartbeat=0) as conn:
+        while time.monotonic() < deadline:
+            if owner.proc is not None and owner.proc.poll() is not None:
+                raise RuntimeError(f"ledger exited: {owner.log()}")
+            channel = conn.channel()
+            try:
+                _, _, consumers = channel.queue_declare(queue, passive=True)
+                if consumers:
+                    return
+            except Exception:
+                pass
+            finally:
+                with contextlib.suppress(Exception):
+                    channel.close()
+            time.sleep(0.05)
+    raise TimeoutError(f"no consumer on {queue}: {owner.log()}")
+
+
+@pytest.fixture
+def ledger_service(vhost_url: str, tmp_path: Path) -> Iterator[LedgerProcess]:
+    """A not yet started ``dispatch ledger`` on this test's vhost and a SQLite file."""
+    service = LedgerProcess(vhost_url, f"sqlite:///{tmp_path / 'ledger.db'}",
+                            tmp_path / "ledger.log")
+    yield service
+    service.stop()
+
+
+class Wire:
+    """A raw channel on this test's vhost: publish events, watch queues."""
+
+    def __init__(self, url: str) -> None:
+        self.conn = amqp.Connection(**_amqp_params(url))
+        self.conn.connect()
+        self.channel = self.conn.channel()
+        self.channel.confirm_select()
+
+    def publish_event(self, body: dict[str, Any], *, raw: bytes | None = None,
+                      content_type: str = events.CONTENT_TYPE) -> None:
+        """Publish an event to the events exchange as a node does, with a confirm."""
+        self.channel.exchange_declare(topology.events_exchange(), "topic", durable=True,
+                                      auto_delete=False)
+        subject = body.get("pool") if "job_id" in body else body.get("node")
+        msg = amqp.Message(raw if raw is not None else events.encode(body),
+                           content_type=content_type, delivery_mode=2,
+                           message_id=events.event_id(body) if raw is None else "bad")
+        self.channel.basic_publish(msg, topology.events_exchange(),
+                                   routing_key=f"{body.get('event')}.{subject}")
+
+    def tap(self, exchange: str, key: str, kind: str = "topic") -> str:
+        """Declare a private queue bound to ``exchange`` with ``key``; return its name."""
+        name = f"tap-{uuid.uuid4().hex[:8]}"
+        self.channel.exchange_declare(exchange, kind, durable=True, auto_delete=False)
+        self.channel.queue_declare(name, durable=False, auto_delete=False, exclusive=True)
+        self.channel.queue_bind(name, exchange, routing_key=key)
+        return name
+
+    def get(self, queue: str, timeout_s: float = 20.0) -> amqp.Message:
+        """Return the next message on ``queue`` (acked), waiting for it."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            msg = self.channel.basic_get(queue, no_ack=True)
+            if msg is not None:
+                return msg
+            time.sleep(0.05)
+        raise TimeoutError(f"nothing on {queue} within {timeout_s}s")
+
+    def depth(self, queue: str) -> int:
+        """Return how many messages wait on ``queue``."""
+        _, count, _ = self.channel.queue_declare(queue, passive=True)
+        return int(count)
+
+    def close(self) -> None:
+        """Close the connection."""
+        with contextlib.suppress(Exception):
+            self.conn.close()
+
+
+def _amqp_params(url: str) -> dict[str, Any]:
+    info = kombu.Connection(url)
+    return {"host": f"{info.hostname}:{info.port}", "userid": info.userid,
+            "password": info.password, "virtual_host": info.virtual_host}
+
+
+@pytest.fixture
+def wire(vhost_url: str) -> Iterator[Wire]:
+    """A raw AMQP channel on this test's vhost."""
+    w = Wire(vhost_url)
+    yield w
+    w.close()
