@@ -19,13 +19,14 @@ from openstack_double import OpenStackDouble
 from dispatch import events
 from dispatch.events import Event
 from dispatch.ledger.store import Ledger
+from workers.cloud import metadata
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "debian-12"
 
 
 @pytest.fixture
-def double() -> Iterator[OpenStackDouble]:
+def cloud_double() -> Iterator[OpenStackDouble]:
     """The OpenStack double with the CANFAR seed's flavors and one image."""
     d = OpenStackDouble().start()
     for row in [("1", "m1.tiny", 1, 512, 5, 0), ("2", "m1.small", 2, 2048, 20, 0),
@@ -40,9 +41,9 @@ def double() -> Iterator[OpenStackDouble]:
 
 
 @pytest.fixture
-def cloud_env(double: OpenStackDouble, broker_url: str, tmp_path: Path) -> dict[str, str]:
+def cloud_env(cloud_double: OpenStackDouble, broker_url: str, tmp_path: Path) -> dict[str, str]:
     """Environment of a cloud-plane process pointed at the double and the test broker."""
-    clouds = double.write_clouds_yaml(tmp_path / "clouds.yaml")
+    clouds = cloud_double.write_clouds_yaml(tmp_path / "clouds.yaml")
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("DISPATCH_", "OS_", "CELERY"))}
     env.update({
@@ -67,8 +68,6 @@ def old(seconds: float) -> datetime.datetime:
 def ours(pool: str, *, created: datetime.datetime, lifetime_s: int,
          **extra: str) -> dict[str, str]:
     """Return the metadata Dispatch writes on a server created at ``created``."""
-    from workers.cloud import metadata
-
     return {**metadata.initial(pool=pool, owner="alice", lifetime_s=lifetime_s, now=created),
             **extra}
 
@@ -126,7 +125,7 @@ class Processes:
 
 
 @pytest.fixture
-def processes(cloud_env: dict[str, str], tmp_path: Path) -> Iterator[Processes]:
+def cloud_procs(cloud_env: dict[str, str], tmp_path: Path) -> Iterator[Processes]:
     """Cloud-plane processes for one test, stopped after it."""
     procs = Processes(cloud_env, tmp_path)
     yield procs
@@ -146,7 +145,7 @@ def wait_until(check: Callable[[], Any], what: str, timeout_s: float = 30.0,
 
 
 @pytest.fixture
-def ledger(tmp_path: Path, cloud_env: dict[str, str]) -> Iterator[Ledger]:
+def cloud_ledger(tmp_path: Path, cloud_env: dict[str, str]) -> Iterator[Ledger]:
     """A SQLite ledger the cloud plane reads (DISPATCH_LEDGER_URL is set in cloud_env)."""
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     cloud_env["DISPATCH_LEDGER_URL"] = url

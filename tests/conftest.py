@@ -18,7 +18,7 @@ import pytest
 from dispatch import topology
 from dispatch.client import Client
 
-pytest_plugins = ["fixtures_postgres", "fixtures_ledger"]
+pytest_plugins = ["fixtures_postgres", "fixtures_ledger", "cloud_fixtures"]
 
 ROOT = Path(__file__).resolve().parent.parent
 RABBITMQ_DIR = ROOT / "tests" / "rabbitmq"

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from cloud_fixtures import IMAGE, cloud_env, double, old, ours  # noqa: F401
+from cloud_fixtures import IMAGE, old, ours
 from openstack_double import PASSWORD, OpenStackDouble
 
 from workers.cloud import metadata
@@ -43,14 +43,14 @@ def test_flavors_and_images_are_read_over_http(cloud: Cloud) -> None:
 
 
 def test_provision_boots_the_smallest_fitting_flavor_with_dispatch_metadata(
-        cloud: Cloud, settings: CloudSettings, double: OpenStackDouble) -> None:
+        cloud: Cloud, settings: CloudSettings, cloud_double: OpenStackDouble) -> None:
     servers = provision(cloud, settings, Order(pool="gpu", count=2, need=Need(2, 3000),
                                                lifetime_s=3600))
     assert len(servers) == 2
     for server in servers:
         assert server.name.startswith("dispatch-gpu-")
         assert server.flavor_id == "3"  # m1.medium: 2 cores, 4096 MiB
-        meta = double.by_name(server.name)["metadata"]
+        meta = cloud_double.by_name(server.name)["metadata"]
         assert meta[metadata.CREATED_BY] == "dispatch"
         assert (meta[metadata.POOL], meta[metadata.OWNER], meta[metadata.LIFETIME_S]) == \
             ("gpu", "alice", "3600")
@@ -61,21 +61,21 @@ def test_provision_boots_the_smallest_fitting_flavor_with_dispatch_metadata(
 
 
 def test_servers_not_booted_by_dispatch_are_never_listed(cloud: Cloud,
-                                                         double: OpenStackDouble) -> None:
-    double.add_server("someone-elses-vm", metadata={"owner": "bob"})
-    double.add_server("dispatch-default-1", metadata=ours("default", created=old(10),
+                                                         cloud_double: OpenStackDouble) -> None:
+    cloud_double.add_server("someone-elses-vm", metadata={"owner": "bob"})
+    cloud_double.add_server("dispatch-default-1", metadata=ours("default", created=old(10),
                                                           lifetime_s=60))
     assert [s.name for s in cloud.servers()] == ["dispatch-default-1"]
     assert len(cloud.servers(ours_only=False)) == 2
 
 
 def test_quotas_refuse_a_provision_that_would_pass_them(
-        cloud: Cloud, cloud_env: dict[str, str], double: OpenStackDouble) -> None:
+        cloud: Cloud, cloud_env: dict[str, str], cloud_double: OpenStackDouble) -> None:
     settings = CloudSettings.from_env({**cloud_env, "DISPATCH_CLOUD_MAX_CORES": "5"})
     provision(cloud, settings, Order(pool="p", count=2, need=Need(2)))
     with pytest.raises(QuotaError, match="room for 0"):
         provision(cloud, settings, Order(pool="p", need=Need(2)))
-    assert len(double.calls("POST", r"/servers$")) == 2
+    assert len(cloud_double.calls("POST", r"/servers$")) == 2
 
 
 def test_a_flavor_that_keeps_failing_to_boot_is_banned_for_the_next_one(
@@ -94,21 +94,22 @@ def test_a_flavor_that_keeps_failing_to_boot_is_banned_for_the_next_one(
         provision(cloud, settings, Order(pool="p"))
 
 
-def test_delete_reports_a_server_already_gone(cloud: Cloud, double: OpenStackDouble) -> None:
-    server_id = double.add_server("dispatch-x", metadata={"created-by": "dispatch"})
+def test_delete_reports_a_server_already_gone(cloud: Cloud, cloud_double: OpenStackDouble) -> None:
+    server_id = cloud_double.add_server("dispatch-x", metadata={"created-by": "dispatch"})
     assert cloud.delete(server_id) is True
     assert cloud.delete(server_id) is False
 
 
-def test_metadata_updates_keep_the_other_items(cloud: Cloud, double: OpenStackDouble) -> None:
-    server_id = double.add_server("dispatch-y", metadata={"created-by": "dispatch", "pool": "a"})
+def test_metadata_updates_keep_the_other_items(cloud: Cloud, cloud_double: OpenStackDouble) -> None:
+    server_id = cloud_double.add_server("dispatch-y",
+                                        metadata={"created-by": "dispatch", "pool": "a"})
     cloud.update_metadata(server_id, {"expires_at": "2030-01-01T00:00:00+00:00"})
-    assert double.by_name("dispatch-y")["metadata"] == {
+    assert cloud_double.by_name("dispatch-y")["metadata"] == {
         "created-by": "dispatch", "pool": "a", "expires_at": "2030-01-01T00:00:00+00:00"}
 
 
 def test_the_clouds_yaml_path_is_explicit_and_cwd_is_never_searched(
-        double: OpenStackDouble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        cloud_double: OpenStackDouble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     decoy = OpenStackDouble()  # never started: a clouds.yaml in cwd pointing there must not count
     work = tmp_path / "cwd"
     work.mkdir()
@@ -116,9 +117,9 @@ def test_the_clouds_yaml_path_is_explicit_and_cwd_is_never_searched(
     decoy.server.server_close()
     monkeypatch.chdir(work)
     monkeypatch.setenv("OS_AUTH_URL", "http://127.0.0.1:9/identity/v3")
-    with pytest.raises(CloudConfigError, match="clouds.yaml not found at"):
+    with pytest.raises(CloudConfigError, match=r"clouds\.yaml not found at"):
         Cloud.connect(tmp_path / "missing.yaml", "double")
-    real = double.write_clouds_yaml(tmp_path / "real.yaml")
+    real = cloud_double.write_clouds_yaml(tmp_path / "real.yaml")
     with pytest.raises(CloudConfigError, match="cloud 'other' is not in"):
         Cloud.connect(real, "other")
     with Cloud.connect(real, "double") as cloud:
@@ -126,8 +127,8 @@ def test_the_clouds_yaml_path_is_explicit_and_cwd_is_never_searched(
 
 
 def test_a_refused_password_is_a_clear_error_that_never_shows_it(
-        double: OpenStackDouble, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    path = double.write_clouds_yaml(tmp_path / "clouds.yaml")
+        cloud_double: OpenStackDouble, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = cloud_double.write_clouds_yaml(tmp_path / "clouds.yaml")
     path.write_text(path.read_text().replace(PASSWORD, "wrong-password-123"))
     caplog.set_level(logging.DEBUG)
     with Cloud.connect(path, "double") as cloud, pytest.raises(CloudApiError) as info:

@@ -11,19 +11,19 @@ import datetime
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from dispatch.progress import table
 from dispatch.quantity import format_duration, parse_duration_s, parse_size_mib
-from workers.cloud import lock, metadata, reaper
+from workers.cloud import metadata
 from workers.cloud.flavors import Need
-from workers.cloud.provisioner import Order, provision
-from workers.cloud.reaping import NodeView
-from workers.cloud.servers import Cloud, Server
 from workers.cloud.settings import CloudSettings
-from workers.cloud.tasks import PROVISION_LOCK, REAP_LOCK
+
+if TYPE_CHECKING:  # openstacksdk, fabric and kombu load only when a command runs
+    from workers.cloud.reaping import NodeView
+    from workers.cloud.servers import Cloud, Server
 
 
 @click.group("cloud")
@@ -42,6 +42,8 @@ def cloud(ctx: click.Context, clouds_yaml: Path | None, cloud_name: str | None) 
 
 
 def _connect(settings: CloudSettings) -> Cloud:
+    from workers.cloud.servers import Cloud  # noqa: PLC0415 - keeps `dispatch` startup fast
+
     return Cloud.connect(settings.require_clouds_yaml(), settings.cloud)
 
 
@@ -73,6 +75,8 @@ def flavors_command(settings: CloudSettings, as_json: bool) -> None:
 @click.pass_obj
 def nodes_command(settings: CloudSettings, as_json: bool) -> None:
     """List Dispatch's servers: pool, flavor, age, lifetime left, state, jobs."""
+    from workers.cloud import reaper  # noqa: PLC0415
+
     now = datetime.datetime.now(datetime.UTC)
     with _connect(settings) as conn:
         servers = conn.servers()
@@ -118,11 +122,14 @@ def _node_row(server: Server, flavor_names: dict[str, str],
 def provision_command(settings: CloudSettings, pool: str, count: int, cpus: int, memory: str,  # noqa: PLR0917
                       scratch: str, image: str | None, lifetime: str | None) -> None:
     """Boot COUNT nodes for POOL on the smallest flavor that fits, and bootstrap them."""
+    from workers.cloud import lock  # noqa: PLC0415
+    from workers.cloud.provisioner import Order, provision  # noqa: PLC0415
+
     need = Need(cpus=cpus, memory_mb=_size(memory, "--memory"),
                 scratch_mb=_size(scratch, "--scratch"))
     lifetime_s = _duration(lifetime, "--lifetime") if lifetime else None
     order = Order(pool=pool, count=count, need=need, image=image, lifetime_s=lifetime_s)
-    with lock.held(settings.broker_url, PROVISION_LOCK), _connect(settings) as conn:
+    with lock.held(settings.broker_url, lock.PROVISION), _connect(settings) as conn:
         servers = provision(conn, settings, order)
         flavor_names = {f.id: f.name for f in conn.flavors()}
     for server in servers:
@@ -136,7 +143,9 @@ def provision_command(settings: CloudSettings, pool: str, count: int, cpus: int,
 @click.pass_obj
 def reap_command(settings: CloudSettings, dry_run: bool, as_json: bool) -> None:
     """Drain or delete expired, failed, unregistered and idle servers (as beat does)."""
-    with lock.held(settings.broker_url, REAP_LOCK), _connect(settings) as conn:
+    from workers.cloud import lock, reaper  # noqa: PLC0415
+
+    with lock.held(settings.broker_url, lock.REAP), _connect(settings) as conn:
         verdicts = reaper.reap(conn, settings, dry_run=dry_run)
     rows = [{"server": v.server.name, "pool": v.server.pool,
              "action": v.action.value if not dry_run else f"would {v.action.value}",
@@ -153,6 +162,8 @@ def reap_command(settings: CloudSettings, dry_run: bool, as_json: bool) -> None:
 @click.pass_obj
 def extend_command(settings: CloudSettings, node: str, duration: str) -> None:
     """Give NODE (a server name) DURATION (e.g. 2h) more life."""
+    from workers.cloud import reaper  # noqa: PLC0415
+
     extra_s = _duration(duration, "DURATION")
     with _connect(settings) as conn:
         new_end = reaper.extend(conn, node, extra_s)

@@ -17,6 +17,8 @@ from dispatch import broker
 from workers.cloud.errors import LockBusyError
 
 log = logging.getLogger(__name__)
+REAP = "reap"
+PROVISION = "provision"  # autoscale takes it too: one booting run at a time
 
 
 def lock_queue(name: str) -> str:

@@ -19,8 +19,6 @@ from workers.cloud.servers import Cloud
 from workers.cloud.settings import CloudSettings
 
 log = logging.getLogger(__name__)
-PROVISION_LOCK = "provision"
-REAP_LOCK = "reap"
 
 
 def connect(settings: CloudSettings) -> Cloud:
@@ -32,7 +30,7 @@ def run_reap(dry_run: bool = False) -> list[dict[str, str]]:
     """Reap once under the reap lock; return what was (or would be) done."""
     settings = CloudSettings.from_env()
     try:
-        with lock.held(settings.broker_url, REAP_LOCK), connect(settings) as cloud:
+        with lock.held(settings.broker_url, lock.REAP), connect(settings) as cloud:
             verdicts = reaper.reap(cloud, settings, dry_run=dry_run)
     except LockBusyError:
         log.info("reap: another run holds the lock; skipped")
@@ -48,7 +46,7 @@ def run_provision(pool: str, count: int = 1, *, cpus: int = 1, memory_mb: int = 
     settings = CloudSettings.from_env()
     order = Order(pool=pool, count=count, need=Need(cpus, memory_mb, scratch_mb), image=image,
                   lifetime_s=lifetime_s)
-    with lock.held(settings.broker_url, PROVISION_LOCK), connect(settings) as cloud:
+    with lock.held(settings.broker_url, lock.PROVISION), connect(settings) as cloud:
         return [s.name for s in provision(cloud, settings, order)]
 
 
@@ -56,7 +54,7 @@ def run_autoscale() -> list[dict[str, Any]]:
     """Start nodes where pools have waiting jobs, within quotas; return what was booted."""
     settings = CloudSettings.from_env()
     try:
-        with lock.held(settings.broker_url, PROVISION_LOCK), connect(settings) as cloud:
+        with lock.held(settings.broker_url, lock.PROVISION), connect(settings) as cloud:
             return scaler.autoscale(cloud, settings)
     except LockBusyError:
         log.info("autoscale: another run holds the provision lock; skipped")
