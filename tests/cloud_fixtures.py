@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from openstack_double import OpenStackDouble
+from sshd import Sshd
 
 from dispatch import events
 from dispatch.events import Event
@@ -171,3 +172,11 @@ def heartbeat(ledger: Ledger, node: str, pool: str, *, running: tuple[str, ...] 
 def offline(ledger: Ledger, node: str, reason: str = "drained") -> None:
     """Feed the ledger a node.offline event body."""
     assert ledger.apply(events.node_event(Event.OFFLINE, node=node, reason=reason))
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[Sshd]:
+    """A real sshd on a free port of 127.0.0.1 with its keys in a temp dir."""
+    server = Sshd(tmp_path / "sshd").start()
+    yield server
+    server.stop()
