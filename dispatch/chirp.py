@@ -62,8 +62,32 @@ def send(name: str, value: str, environ: Mapping[str, str] | None = None) -> Non
     env = os.environ if environ is None else environ
     path, token = env.get(SOCKET_ENV), env.get(TOKEN_ENV)
     if not path or not token:
-        raise InvalidMessageError(f"not inside a Dispatch job ({SOCKET_ENV} is not set)",
+        raise InvalidMessageError("not set; chirp works only inside a Dispatch job",
                                   field=SOCKET_ENV)
     data = encode(token, name, value)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.sendto(data, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python3 -m dispatch.chirp set NAME VALUE``: the standard library is all it needs.
+
+    For jobs whose Python has none of Dispatch's dependencies (``dispatch chirp`` is
+    the same command in the full CLI).
+    """
+    import sys  # noqa: PLC0415 - only the command-line entry needs it
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 3 or args[0] != "set":
+        print("usage: python3 -m dispatch.chirp set NAME VALUE", file=sys.stderr)
+        return 2
+    try:
+        send(args[1], args[2])
+    except (InvalidMessageError, OSError) as exc:
+        print(f"dispatch chirp: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

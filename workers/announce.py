@@ -53,15 +53,20 @@ class Announcer:
                       watch=True)
 
     def job(self, event: Event, *, job_id: str, attempt: int, pool: str,
-            settle: Settle | None = None, **fields: Any) -> None:
-        """Publish a job event (running, attribute, exited, ...) when a ledger listens."""
-        if self.listening is False:
+            settle: Settle | None = None, must_land: bool = False, **fields: Any) -> None:
+        """Publish a job event (running, attribute, exited, ...).
+
+        The events of every job (running, exited) are skipped while no ledger listens;
+        rarer ones are always sent. With ``must_land`` the event is mandatory and
+        ``settle(False)`` says that nobody received it.
+        """
+        if self.listening is False and event in _HOT_PATH and not must_land:
             if settle is not None:
                 settle(True)
             return
         body = events.job_event(event, job_id=job_id, attempt=attempt, pool=pool,
                                 node=self.node, **fields)
-        self._publish(body, events.routing_key(event, pool), settle=settle)
+        self._publish(body, events.routing_key(event, pool), settle=settle, watch=must_land)
 
     def heartbeat(self, **fields: Any) -> None:
         """Publish a heartbeat (the lease renewal of every job listed in it)."""
@@ -90,6 +95,9 @@ class Announcer:
                              message_id=_message_id(body))
         self.confirms.publish(msg, topology.events_exchange(), key, mandatory=watch,
                               on_settled=settle, settle_returned_as_failed=watch)
+
+
+_HOT_PATH = frozenset({Event.RUNNING, Event.EXITED})
 
 
 def _message_id(body: Mapping[str, Any]) -> str:

@@ -37,13 +37,20 @@ log = logging.getLogger(__name__)
 @click.option("--name", help="Machine name to advertise (default: FQDN).")
 @click.option("--kill-grace", type=float, default=5.0, show_default=True,
               help="Seconds between KillSig and SIGKILL.")
+@click.option("--heartbeat-interval", type=click.FloatRange(min=0.1), default=10.0,
+              show_default=True, envvar="DISPATCH_NODE_HEARTBEAT_S", show_envvar=True,
+              help="Seconds between node heartbeats; a claimed job's lease is three of them.")
+@click.option("--admin", "admins", multiple=True, metavar="USER", envvar="DISPATCH_ADMINS",
+              show_envvar=True, help="Broker user whose control messages this node obeys "
+              "besides its own (repeatable; the variable is comma-separated).")
 @click.option("--burst", is_flag=True, help="Exit once the queues are empty and jobs are done.")
 @click.option("--describe", is_flag=True,
               help="Print the machine attributes Requirements see (JSON) and exit.")
 def worker(broker: str, pools: tuple[str, ...], slots: int | None, memory: str | None,
            exchange: str | None, routing_key: str | None, queue: str | None,
            workdir_root: Path, user: str, groups: tuple[str, ...], name: str | None,
-           kill_grace: float, burst: bool, describe: bool) -> None:
+           kill_grace: float, heartbeat_interval: float, admins: tuple[str, ...], burst: bool,
+           describe: bool) -> None:
     """Run an execute node: take jobs from the pool queues and run them."""
     if not logging.getLogger().handlers or logging.getLogger().level > logging.INFO:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
@@ -68,6 +75,8 @@ def worker(broker: str, pools: tuple[str, ...], slots: int | None, memory: str |
         memory_mb=memory_mb,
         kill_grace_s=kill_grace,
         burst=burst,
+        heartbeat_interval_s=heartbeat_interval,
+        admins=tuple(a.strip() for value in admins for a in value.split(",") if a.strip()),
     )
     try:
         node = ExecuteNode(config)

@@ -227,13 +227,14 @@ class ExecuteNode:
     def _loop(self, conn: kombu.Connection, consumer: kombu.Consumer) -> None:
         cancelled = False
         while True:
-            for key, _ in self._selector.select(self._timeout()):
-                if key.data == "wake":
-                    os.read(self._wake_r, 512)
-                elif key.data == "chirp":
-                    self._chirped()
-                elif isinstance(key.data, Active):
-                    self._reap(key.data)
+            ready = [key.data for key, _ in self._selector.select(self._timeout())]
+            if "wake" in ready:
+                os.read(self._wake_r, 512)
+            if "chirp" in ready:
+                self._chirped()  # before reaping: a job's last words come before its exit
+            for data in ready:
+                if isinstance(data, Active):
+                    self._reap(data)
             self._drain(conn)
             conn.heartbeat_check()
             self._enforce_limits()
@@ -508,7 +509,15 @@ class ExecuteNode:
         log.info("job %s: not run: %s", env.job_id, reason)
         state = JobState.HELD if held else JobState.REMOVED
         tag = message.delivery_tag
-        done = _AllSettled(2, lambda ok: self._ack_if(ok, tag, env.job_id))
+
+        def kept(ok: bool) -> None:
+            if ok or not held:
+                self._ack_if(True, tag, env.job_id)
+            else:  # nobody keeps held jobs (no ledger): park it, never lose it
+                self._replies.dead_letter(message, f"{reason} (no ledger keeps held jobs)",
+                                          settle=lambda ok: self._ack_if(ok, tag, env.job_id))
+
+        done = _AllSettled(2, kept)
         self._reply(env, state, b"", settle=done, host=self.machine.name,
                     reason=None if held else reason, hold_reason=reason if held else None)
         fields: dict[str, Any] = {"host": self.machine.name, "reason": reason, "by": order.by}
@@ -516,7 +525,8 @@ class ExecuteNode:
             fields["request"] = events.capture_request(message.properties,
                                                        message.headers or {}, message.body)
         self.announcer.job(Event.HELD if held else Event.REMOVED, job_id=env.job_id,
-                           attempt=env.attempt, pool=pool, settle=done, **fields)
+                           attempt=env.attempt, pool=pool, settle=done, must_land=held,
+                           **fields)
 
     def _settled(self, active: Active, ok: bool) -> None:
         job_id = active.request.job_id

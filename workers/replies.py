@@ -41,11 +41,14 @@ class Replies:
 
         The original is acked only once this copy is confirmed (``settle``).
         """
+        # The broker refuses a user_id that is not the publisher's own: the owner
+        # travels on as a header instead.
         props = {k: v for k, v in message.properties.items()
-                 if k not in ("application_headers", "expiration") and v is not None}
+                 if k not in ("application_headers", "expiration", "user_id") and v is not None}
         info = message.delivery_info
         extra = {
             headers.REASON: reason,
+            "x-original-user-id": message.properties.get("user_id") or "",
             "x-dispatch-rejected-by": self.host,
             "x-original-exchange": info.get("exchange", ""),
             "x-original-routing-key": info.get("routing_key", ""),

@@ -13,7 +13,7 @@ from importlib.metadata import entry_points
 
 import click
 
-from dispatch.cli import control, demo, ledger, listen, queries, submit, users
+from dispatch.cli import chirp, control, demo, ledger, listen, queries, submit, users
 from dispatch.errors import DispatchError, InvalidJobError
 
 EXIT_USAGE = 2
@@ -43,6 +43,7 @@ cli.add_command(control.rm_command)
 cli.add_command(control.hold_command)
 cli.add_command(control.release_command)
 cli.add_command(users.users_command)
+cli.add_command(chirp.chirp_command)
 for _entry in entry_points(group="dispatch.commands"):
     cli.add_command(_entry.load(), _entry.name)
 
