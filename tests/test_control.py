@@ -15,7 +15,7 @@ from dispatch import events, topology
 from dispatch.events import ControlOp
 from dispatch.job import JobSpec, JobState
 
-from amqp_helpers import dead_letter_of, headers_of
+from amqp_helpers import dead_letter_of, headers_of, publish_job
 from conftest import ROOT
 
 pytestmark = pytest.mark.timeout(90)
@@ -226,3 +226,16 @@ def test_chirp_outside_a_job_is_a_one_line_error(dispatch_cli):
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "dispatch: error: DISPATCH_CHIRP_SOCKET: not set; chirp works only inside a Dispatch job")
+
+
+def test_a_bad_job_from_another_user_is_dead_lettered_and_the_node_lives_on(worker, client,
+                                                                            amqp, pool,
+                                                                            mallory_url):
+    job_id = uuid.uuid4().hex
+    with kombu.Connection(mallory_url, heartbeat=0) as conn:
+        publish_job(conn, pool, {"Arguments": "no command"}, message_id=job_id,
+                    user_id="mallory")
+    dead = dead_letter_of(amqp, job_id)
+    assert headers_of(dead)["x-original-user-id"] == "mallory"
+    assert "Cmd" in headers_of(dead)["Reason"]
+    assert client.submit(JobSpec("true", pool=pool)).wait(timeout_s=30).exit_code == 0

@@ -83,7 +83,7 @@ def handle(ledger: Ledger, publisher: Publisher, request: Request, *,
             if row is None:
                 outcomes.append(Outcome(job_id, False, None, "no such job in the ledger"))
             elif not admin and row.owner != request.user:
-                log.warning("job %s: %s refused to %s: owned by %s", job_id,
+                log.warning("job %s: %s by %s refused: owned by %s", job_id,
                             request.op.value, request.user, row.owner)
                 outcomes.append(Outcome(job_id, False, row.state, (
                     f"permission denied: {request.user} may not {request.op.value} a job "
