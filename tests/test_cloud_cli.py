@@ -15,6 +15,7 @@ from openstack_double import PASSWORD, OpenStackDouble
 from dispatch import events
 from dispatch.ledger.store import Ledger
 from workers.cloud import metadata
+from workers.cloud.settings import VARIABLES
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -119,3 +120,11 @@ def test_bad_input_gets_one_clear_line_naming_the_problem(
     unset = cloud_cli("flavors", env=env)
     assert unset.returncode == 125
     assert "DISPATCH_CLOUDS_YAML is not set" in unset.stderr
+
+
+def test_the_cloud_page_documents_every_setting_and_runs_only_tested_commands() -> None:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "cloud.md").read_text()
+    assert [name for name in VARIABLES if f"| `{name}` |" not in page] == []
+    shown = {line.split()[2] for line in page.splitlines()
+             if line.startswith("dispatch cloud ")}
+    assert shown == {"flavors", "provision", "nodes", "reap", "extend"}
