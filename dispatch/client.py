@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import kombu
@@ -25,13 +26,14 @@ from dispatch.errors import (
     JobTimeoutError,
     UnroutableError,
 )
-from dispatch.job import JobSpec, JobUpdate
+from dispatch.job import ArrayPlace, JobSpec, JobUpdate
 from dispatch.result import JobResult
 
 log = logging.getLogger(__name__)
 
 ACCEPT = ["application/zip", "application/octet-stream"]
 _POLL_S = 0.2
+_ATTEMPTS_KEPT = 100_000
 
 
 class Client:
@@ -46,6 +48,7 @@ class Client:
         self._lock = threading.RLock()
         self._inbox: collections.deque[tuple[JobUpdate, int]] = collections.deque()
         self._returned: list[str] = []
+        self._attempts: dict[str, int] = {}
         self._conn: kombu.Connection | None = None
         self._connect()
 
@@ -91,6 +94,18 @@ class Client:
         self.close()
 
     # -- submitting ---------------------------------------------------------------------
+
+    def submit_array(self, spec: JobSpec, count: int) -> list[JobHandle]:
+        """Submit ``count`` copies of ``spec`` as one array; job ids are ``ARRAYID.INDEX``.
+
+        Each job sees its place in ``DISPATCH_ARRAY_ID`` / ``DISPATCH_ARRAY_INDEX``.
+        """
+        if count < 1:
+            raise ValueError("an array has at least one job")
+        array_id = spec.job_id or uuid.uuid4().hex
+        return [self.submit(replace(spec, job_id=f"{array_id}.{index}",
+                                    array=ArrayPlace(array_id, index, count)))
+                for index in range(count)]
 
     def submit(self, spec: JobSpec) -> JobHandle:
         """Publish one job with confirms and mandatory routing; return its handle.
@@ -173,7 +188,12 @@ class Client:
 
     def _take(self, wanted: set[str] | None,
               before_ack: Callable[[JobUpdate], None] | None) -> JobUpdate | None:
-        for i, (update, tag) in enumerate(self._inbox):
+        for i, (update, tag) in enumerate(list(self._inbox)):
+            if self._stale(update):
+                del self._inbox[i]
+                if self._conn is not None:
+                    self._conn.default_channel.basic_ack(tag)
+                return self._take(wanted, before_ack)
             if wanted is None or update.job_id in wanted:
                 if before_ack is not None:
                     before_ack(update)
@@ -182,6 +202,23 @@ class Client:
                     self._conn.default_channel.basic_ack(tag)
                 return update
         return None
+
+    def _stale(self, update: JobUpdate) -> bool:
+        """Tell whether a reply comes from an attempt the ledger has given up on.
+
+        When a lease expires the ledger sends the job out again and tells the client
+        (an ``Idle`` reply with the new attempt); replies of older attempts that still
+        arrive are dropped, so each job has exactly one final result.
+        """
+        current = self._attempts.get(update.job_id, 0)
+        if update.attempt < current:
+            log.info("job %s: dropping a reply of stale attempt %d (now %d)", update.job_id,
+                     update.attempt, current)
+            return True
+        self._attempts[update.job_id] = update.attempt
+        if len(self._attempts) > _ATTEMPTS_KEPT:
+            self._attempts.pop(next(iter(self._attempts)))
+        return False
 
     def _pump(self, timeout_s: float) -> None:
         try:

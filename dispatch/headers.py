@@ -22,10 +22,12 @@ from dispatch.job import (
     DEFAULT_ERR,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_OUT,
+    ArrayPlace,
     JobRequest,
     JobSpec,
     JobState,
     JobUpdate,
+    Notify,
     Resources,
     signal_number,
 )
@@ -226,7 +228,21 @@ def _spec(h: Mapping[str, Any], job_id: str, priority: Any) -> JobSpec:
         pool=DEFAULT_POOL,
         name=h.get(JOB_NAME),
         job_id=job_id,
+        array=_array_place(h),
+        notify=_notify(h),
     )
+
+
+def _array_place(h: Mapping[str, Any]) -> ArrayPlace | None:
+    if ARRAY_ID not in h:
+        return None
+    return ArrayPlace(str(h[ARRAY_ID]), int(h.get(ARRAY_INDEX, 0)), int(h.get(ARRAY_SIZE, 1)))
+
+
+def _notify(h: Mapping[str, Any]) -> Notify | None:
+    if NOTIFY_USER not in h and NOTIFY_URL not in h:
+        return None
+    return Notify(h.get(NOTIFY_USER), h.get(NOTIFY_URL), str(h.get(NOTIFICATION, "Complete")))
 
 
 def _arguments(value: Any) -> tuple[str, ...]:
@@ -292,6 +308,12 @@ def encode_request(spec: JobSpec) -> dict[str, Any]:
         (MAX_ATTEMPTS, spec.max_attempts, DEFAULT_MAX_ATTEMPTS),
         (JOB_NAME, spec.name, None),
     ]
+    if spec.array is not None:
+        candidates += [(ARRAY_ID, spec.array.array_id, None),
+                       (ARRAY_INDEX, spec.array.index, None), (ARRAY_SIZE, spec.array.size, None)]
+    if spec.notify is not None:
+        candidates += [(NOTIFY_USER, spec.notify.email, None), (NOTIFY_URL, spec.notify.url, None),
+                       (NOTIFICATION, spec.notify.when, None)]
     headers: dict[str, Any] = {CMD: spec.command}
     headers.update((name, value) for name, value, default in candidates if value != default)
     return headers

@@ -102,6 +102,29 @@ class JobSpec:
     pool: str = DEFAULT_POOL
     name: str | None = None
     job_id: str | None = None
+    array: ArrayPlace | None = None
+    notify: Notify | None = None
+
+
+@dataclass(frozen=True)
+class ArrayPlace:
+    """Where a job sits in an array (``submit --array N``): shared id, index, size."""
+
+    array_id: str
+    index: int
+    size: int
+
+
+NOTIFY_WHEN = ("Always", "Complete", "Error", "Never")
+
+
+@dataclass(frozen=True)
+class Notify:
+    """Who hears of a job's state changes (HTCondor's notify_user and notification)."""
+
+    email: str | None = None
+    url: str | None = None
+    when: str = "Complete"
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,14 @@ import yaml
 from dispatch import schema
 from dispatch.errors import InvalidJobFileError
 from dispatch.headers import quote
-from dispatch.job import DEFAULT_MAX_ATTEMPTS, DEFAULT_PRIORITY, JobSpec, Resources, signal_number
+from dispatch.job import (
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_PRIORITY,
+    JobSpec,
+    Notify,
+    Resources,
+    signal_number,
+)
 from dispatch.quantity import parse_duration_s, parse_size_mib
 from dispatch.topology import DEFAULT_POOL
 
@@ -86,7 +93,15 @@ def spec_from_fields(data: Mapping[str, Any], base_dir: Path = Path()) -> JobSpe
         priority=parse_priority(data.get("priority", DEFAULT_PRIORITY)),
         pool=data.get("pool") or DEFAULT_POOL,
         name=data.get("name"),
+        notify=_notify(data.get("notify")),
     )
+
+
+def _notify(value: Mapping[str, Any] | None) -> Notify | None:
+    if not value or not (value.get("email") or value.get("url")):
+        return None
+    return Notify(value.get("email"), value.get("url"),
+                  str(value.get("when", "complete")).capitalize())
 
 
 def _command(data: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:

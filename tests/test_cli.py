@@ -57,6 +57,9 @@ def test_a_json_job_file_works_too(worker, pool, dispatch_cli, tmp_path):
     ("arguments: [a]\n", "command"),
     ("command: /bin/true\ninputs: [missing.txt]\n", "inputs"),
     ("command: [true\n", "YAML"),
+    ("command: /bin/true\narray: 0\n", "array"),
+    ("command: /bin/true\nnotify: {email: not-an-address}\n", "notify.email"),
+    ("command: /bin/true\nnotify: {url: ftp://x, when: sometimes}\n", "notify"),
 ])
 def test_a_bad_job_file_gets_a_one_line_error_naming_the_field(dispatch_cli, tmp_path, content,
                                                                field):

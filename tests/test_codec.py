@@ -8,7 +8,7 @@ import pytest
 
 from dispatch import headers
 from dispatch.errors import InvalidJobFileError, InvalidMessageError, JobRejectedError
-from dispatch.job import JobSpec, JobState, JobUpdate, Resources
+from dispatch.job import ArrayPlace, JobSpec, JobState, JobUpdate, Notify, Resources
 from dispatch.jobfile import parse_requirement_string, requirements_expression, spec_from_fields
 from dispatch.quantity import format_duration, parse_duration_s, parse_size_mib
 from dispatch.result import JobResult
@@ -46,6 +46,22 @@ def test_a_spec_survives_encoding_and_decoding():
     assert (got.time_limit_s, got.kill_signal, got.max_attempts) == (60, signal.SIGINT, 5)
     assert (got.requirements, got.priority, got.name) == ("Memory >= 512", 7, "n")
     assert request.correlation_id == "j1"
+
+
+def test_array_place_and_notifications_travel_as_headers():
+    spec = JobSpec("true", array=ArrayPlace("a1", 3, 10),
+                   notify=Notify("me@example.org", "http://hook/x", "Always"))
+    encoded = headers.encode_request(spec)
+    assert (encoded["ArrayId"], encoded["ArrayIndex"], encoded["ArraySize"]) == ("a1", 3, 10)
+    got = headers.decode_request({"message_id": "a1.3"}, encoded).spec
+    assert got.array == ArrayPlace("a1", 3, 10)
+    assert got.notify == Notify("me@example.org", "http://hook/x", "Always")
+
+
+def test_a_job_file_notify_block_becomes_the_notify_headers():
+    spec = spec_from_fields({"command": "true", "notify": {"email": "me@example.org",
+                                                           "when": "error"}})
+    assert spec.notify == Notify("me@example.org", None, "Error")
 
 
 def test_default_attributes_are_left_out_of_the_headers():

@@ -277,6 +277,10 @@ def job_environment(request: JobRequest, workdir: Path) -> dict[str, str]:
         "DISPATCH_JOB_ID": request.job_id,
         "DISPATCH_ATTEMPT": str(request.attempt),
     }
+    if request.spec.array is not None:
+        env["DISPATCH_ARRAY_ID"] = request.spec.array.array_id
+        env["DISPATCH_ARRAY_INDEX"] = str(request.spec.array.index)
+        env["DISPATCH_ARRAY_SIZE"] = str(request.spec.array.size)
     env.update(request.spec.environment)
     return env
 

@@ -12,12 +12,12 @@ import click
 from dispatch.client import Client, JobHandle
 from dispatch.config import Settings
 from dispatch.errors import InvalidJobFileError, JobTimeoutError
-from dispatch.job import JobState
+from dispatch.job import JobSpec, JobState
 from dispatch.jobfile import load, parse_priority, parse_requirement_string, spec_from_fields
 from dispatch.progress import Progress
 from dispatch.result import JobResult
 
-from . import output
+from . import arrays, output
 
 EXIT_TIMEOUT = 124
 JOBFILE_SUFFIXES = (".yaml", ".yml", ".json")
@@ -49,6 +49,8 @@ def client_for(broker: str | None, client_id: str | None) -> Client:
 @click.option("-e", "--env", "env", multiple=True, metavar="NAME=VALUE",
               help="Environment variable for the job (repeatable).")
 @click.option("--name", help="A name for listings.")
+@click.option("--array", "array", type=click.IntRange(1, 100_000), metavar="N",
+              help="Submit N copies sharing an array id (index in DISPATCH_ARRAY_INDEX).")
 @click.option("--wait", "wait_", is_flag=True, help="Wait, show progress, unpack the result.")
 @click.option("--timeout", "timeout_s", type=float, help="With --wait: give up after SECONDS.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
@@ -65,6 +67,9 @@ def submit_command(ctx: click.Context, /, jobfile: Path | None, command: tuple[s
     fields = _fields(jobfile, command, opts)
     base = jobfile.parent if jobfile else Path()
     spec = spec_from_fields(fields, base)
+    count = opts["array"] or fields.get("array")
+    if count:
+        ctx.exit(_submit_array(spec, int(count), opts))
     with client_for(opts["broker"], opts["client_id"]) as client:
         handle = client.submit(spec)
         if not opts["as_json"]:
@@ -76,6 +81,27 @@ def submit_command(ctx: click.Context, /, jobfile: Path | None, command: tuple[s
         out_dir = opts["out_dir"] or Settings.from_env().results_dir
         code = follow(handle, out_dir, opts["timeout_s"], opts["as_json"])
     ctx.exit(code)
+
+
+def _submit_array(spec: JobSpec, count: int, opts: dict[str, Any]) -> int:
+    settings = Settings.from_env()
+    with client_for(opts["broker"], opts["client_id"]) as client:
+        handles = client.submit_array(spec, count)
+        array_id = handles[0].job_id.rpartition(".")[0]
+        arrays.remember(settings.config_dir, array_id, [h.job_id for h in handles])
+        if opts["as_json"] and not opts["wait_"]:
+            click.echo(json.dumps({"array_id": array_id, "job_ids": [h.job_id for h in handles]}))
+            return 0
+        if not opts["as_json"]:
+            click.echo(array_id)
+        if not opts["wait_"]:
+            return 0
+        out_dir = opts["out_dir"] or settings.results_dir
+        statuses = _wait_all(client, [h.job_id for h in handles], out_dir, opts["timeout_s"],
+                             opts["as_json"], force_bar=True)
+    if not opts["as_json"]:
+        click.echo(arrays.summary(statuses), err=True)
+    return 0 if all(code == 0 for code in statuses.values()) else 1
 
 
 def _fields(jobfile: Path | None, command: tuple[str, ...], opts: dict[str, Any]) -> dict[str, Any]:
@@ -121,6 +147,11 @@ def follow(handle: JobHandle, out_dir: Path, timeout_s: float | None, as_json: b
         for update in handle.updates(timeout_s):
             if update.state is JobState.RUNNING:
                 progress.status(f"{handle.job_id}: running on {update.host}")
+            elif update.state is JobState.HELD:
+                progress.status(f"{handle.job_id}: held: {update.reason}")
+            elif update.state is JobState.IDLE:
+                progress.status(f"{handle.job_id}: queued again, attempt {update.attempt}: "
+                                f"{update.reason}")
     except JobTimeoutError as exc:
         progress.close()
         click.echo(f"dispatch: {exc}", err=True)
@@ -161,8 +192,11 @@ def report(result: JobResult, out_dir: Path, as_json: bool) -> int:
 def wait_command(ctx: click.Context, job_ids: tuple[str, ...], timeout_s: float | None,
                  out_dir: Path | None, as_json: bool, client_id: str | None,
                  broker: str | None) -> None:
-    """Wait for jobs submitted earlier; unpack their results; exit with their status."""
-    out_dir = out_dir or Settings.from_env().results_dir
+    """Wait for jobs (or arrays) submitted earlier; unpack results; exit with their status."""
+    settings = Settings.from_env()
+    out_dir = out_dir or settings.results_dir
+    asked = job_ids
+    job_ids = tuple(arrays.expand(settings.config_dir, job_ids))
     statuses: dict[str, int] = {}
     pending = []
     for job_id in job_ids:
@@ -175,13 +209,16 @@ def wait_command(ctx: click.Context, job_ids: tuple[str, ...], timeout_s: float 
             pending.append(job_id)
     if pending:
         with client_for(broker, client_id) as client:
-            statuses.update(_wait_all(client, pending, out_dir, timeout_s, as_json))
+            statuses.update(_wait_all(client, pending, out_dir, timeout_s, as_json,
+                                      force_bar=len(job_ids) > len(asked)))
+    if len(job_ids) > len(asked) and not as_json:
+        click.echo(arrays.summary(statuses), err=True)
     ctx.exit(_combined(job_ids, statuses))
 
 
 def _wait_all(client: Client, job_ids: list[str], out_dir: Path, timeout_s: float | None,
-              as_json: bool) -> dict[str, int]:
-    if len(job_ids) == 1:
+              as_json: bool, *, force_bar: bool = False) -> dict[str, int]:
+    if len(job_ids) == 1 and not force_bar:
         return {job_ids[0]: follow(client.attach(job_ids[0]), out_dir, timeout_s, as_json)}
     progress = Progress(enabled=not as_json)
     statuses: dict[str, int] = {}
