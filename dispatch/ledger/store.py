@@ -206,7 +206,7 @@ def record_submission(applier: Applier, request: Mapping[str, Any]) -> bool:
     if not job_id or applier.job(job_id) is not None:
         return False
     job = applier.new_job(job_id, str(request["pool"]), 1)
-    at = request.get("at") or utcnow()
+    at = parse_time(request["at"]) if request.get("at") else utcnow()
     job.submitted_at = at
     applier.describe(job, {k: request[k] for k in ("properties", "headers", "body")})
     applier.record(job, "job.submitted", at, event_id=f"{job_id}/submitted")
