@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import amqp
+from fixtures_ledger import LedgerProcess
 from ledger_events import heartbeat, job, request
 
 from dispatch import events, headers, topology
@@ -124,3 +125,20 @@ def test_a_heartbeat_listing_the_job_keeps_its_lease_alive(ledger_service, wire,
     finally:
         led.close()
     assert wire.depth(topology.pool_queue(pool)) == 0
+
+
+def test_the_service_keeps_its_ledger_in_postgresql_too(vhost_url, postgresql_url, tmp_path,
+                                                         wire, pool):
+    service = LedgerProcess(vhost_url, postgresql_url, tmp_path / "pg-ledger.log")
+    try:
+        service.start("--pool", pool)
+        wire.channel.basic_publish(_job_message("pg1"), topology.jobs_exchange(),
+                                   routing_key=pool, mandatory=True)
+        service.wait_for(lambda led: led.job("pg1"))
+        wire.publish_event(job(Event.CLAIMED, "pg1", pool=pool))
+        wire.publish_event(job(Event.EXITED, "pg1", t=1, pool=pool, exit_code=4))
+        rec = service.wait_for(
+            lambda led: (r := led.job("pg1")) and r.state is LedgerState.EXITED and r)
+        assert (rec.owner, rec.exit_code, rec.priority) == ("guest", 4, 6)
+    finally:
+        service.stop()
