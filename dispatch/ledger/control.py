@@ -28,7 +28,8 @@ from dispatch.ledger.models import ControlRow, HistoryRow, JobRow
 from dispatch.ledger.publisher import Publisher
 from dispatch.ledger.records import LedgerState
 from dispatch.ledger.store import Ledger
-from dispatch.ledger.transitions import Rebroadcast, end_lease
+from dispatch.ledger.times import end_lease
+from dispatch.ledger.transitions import Rebroadcast
 
 log = logging.getLogger(__name__)
 

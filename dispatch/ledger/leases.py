@@ -20,7 +20,7 @@ from dispatch.ledger.models import HistoryRow, JobRow, NodeRow
 from dispatch.ledger.publisher import Publisher
 from dispatch.ledger.records import LedgerState
 from dispatch.ledger.store import Ledger
-from dispatch.ledger.transitions import end_lease
+from dispatch.ledger.times import end_lease
 
 log = logging.getLogger(__name__)
 

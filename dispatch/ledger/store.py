@@ -31,7 +31,8 @@ from dispatch.ledger.records import (
     job_record,
     node_record,
 )
-from dispatch.ledger.transitions import Applier, Effects, parse_time
+from dispatch.ledger.times import parse_time
+from dispatch.ledger.transitions import Applier, Effects
 
 log = logging.getLogger(__name__)
 

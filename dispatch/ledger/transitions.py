@@ -26,14 +26,14 @@ from sqlalchemy.orm import Session
 from dispatch import events
 from dispatch.events import Event
 from dispatch.ledger import capture
+from dispatch.ledger.heartbeats import update_node
 from dispatch.ledger.models import AttributeRow, HistoryRow, JobRow, NodeRow
 from dispatch.ledger.records import FINAL_STATES, LedgerState
+from dispatch.ledger.times import end_lease, maybe_time, parse_time, renew_lease
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 500
-#: Lease of a claim that names none.
-DEFAULT_LEASE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -62,15 +62,6 @@ class Effects:
     changes: list[StateChange] = field(default_factory=list)
 
 
-def parse_time(value: Any) -> datetime.datetime:
-    """Return an ISO-8601 time as aware UTC; naive times are taken as UTC."""
-    if isinstance(value, datetime.datetime):
-        parsed = value
-    else:
-        parsed = datetime.datetime.fromisoformat(str(value))
-    if parsed.tzinfo is None:
-        return parsed.replace(tzinfo=datetime.UTC)
-    return parsed.astimezone(datetime.UTC)
 
 
 class Applier:
@@ -203,7 +194,7 @@ class Applier:
         self._nodes[name] = node
         if node.last_heartbeat_at is not None and at <= node.last_heartbeat_at:
             return False
-        _update_node(node, body, at)
+        update_node(node, body, at)
         for entry in body.get("running") or ():
             job = self.job(str(entry.get("job_id")))
             if (job is not None and int(entry.get("attempt", 1)) == job.attempt
@@ -218,41 +209,6 @@ class Applier:
         node.offline_at = at
         node.offline_reason = str(body.get("reason") or "offline")
         return True
-
-
-def _update_node(node: NodeRow, body: Mapping[str, Any], at: datetime.datetime) -> None:
-    node.pools = [str(p) for p in body.get("pools") or ()]
-    node.machine = dict(body.get("machine") or {})
-    node.slots_total = int(body.get("slots_total") or 0)
-    node.slots_free = int(body.get("slots_free") or 0)
-    node.memory_free_mb = body.get("memory_free_mb")
-    node.running = [dict(r) for r in body.get("running") or ()]
-    node.waiting = int(body.get("waiting") or 0)
-    node.draining = bool(body.get("draining"))
-    node.jobs_done = int(body.get("jobs_done") or 0)
-    node.interval_s = float(body.get("interval_s") or 5.0)
-    node.lease_s = body.get("lease_s")
-    node.started_at = _maybe_time(body.get("started_at"))
-    node.last_job_at = _maybe_time(body.get("last_job_at"))
-    node.last_heartbeat_at = at
-    if node.offline_at is not None and node.offline_at < at:
-        node.offline_at, node.offline_reason = None, None
-
-
-def renew_lease(job: JobRow, at: datetime.datetime) -> None:
-    """Extend a job's lease from ``at`` (never shorten it)."""
-    if job.lease_renewed_at is None or at > job.lease_renewed_at:
-        job.lease_renewed_at = at
-        job.lease_expires_at = at + datetime.timedelta(seconds=job.lease_s or DEFAULT_LEASE_S)
-
-
-def end_lease(job: JobRow) -> None:
-    """Forget a job's lease: no node holds it."""
-    job.lease_renewed_at = job.lease_expires_at = None
-
-
-def _maybe_time(value: Any) -> datetime.datetime | None:
-    return parse_time(value) if value else None
 
 
 def _detail(body: Mapping[str, Any]) -> str | None:
@@ -277,7 +233,7 @@ def _claimed(a: Applier, job: JobRow, body: Mapping[str, Any], at: datetime.date
 def _running(a: Applier, job: JobRow, body: Mapping[str, Any], at: datetime.datetime) -> None:
     a.set_state(job, LedgerState.RUNNING)
     job.host = body.get("host") or job.host
-    job.started_at = _maybe_time(body.get("started_at")) or at
+    job.started_at = maybe_time(body.get("started_at")) or at
     renew_lease(job, at)
 
 
