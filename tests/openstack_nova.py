@@ -124,7 +124,8 @@ def _create_server(state: State, _m: Any, _q: Any, body: Any) -> Reply:
     state.servers[server_id] = server_body(
         state, server_id, spec["name"], flavor_id, image_id, spec.get("metadata") or {}, status,
         datetime.datetime.now(datetime.UTC))
-    state.hints[server_id] = body.get("os:scheduler_hints") or {}
+    state.hints[server_id] = (body.get("os:scheduler_hints")
+                              or body.get("OS-SCH-HNT:scheduler_hints") or {})
     if spec.get("user_data"):
         state.user_data[server_id] = spec["user_data"]
     return 202, {"server": {"id": server_id, "links": [], "adminPass": "x",

@@ -136,3 +136,15 @@ def test_a_refused_password_is_a_clear_error_that_never_shows_it(
     assert "listing flavors" in str(info.value)
     assert "wrong-password-123" not in str(info.value)
     assert "wrong-password-123" not in caplog.text
+
+
+def test_a_pool_server_group_is_made_once_and_hinted_on_every_boot(
+        cloud: Cloud, cloud_env: dict[str, str], cloud_double: OpenStackDouble) -> None:
+    settings = CloudSettings.from_env({**cloud_env,
+                                       "DISPATCH_CLOUD_SERVER_GROUP": "anti-affinity"})
+    first = provision(cloud, settings, Order(pool="spread", count=2))
+    second = provision(cloud, settings, Order(pool="spread"))
+    [group] = cloud_double.state.groups.values()
+    assert (group["name"], group["policies"]) == ("dispatch-spread", ["anti-affinity"])
+    assert [cloud_double.state.hints[s.id] for s in [*first, *second]] == \
+        [{"group": group["id"]}] * 3
