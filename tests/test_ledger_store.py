@@ -127,3 +127,14 @@ def test_a_malformed_event_is_refused_naming_the_field(ledger, body, field):
 def test_the_default_ledger_is_a_sqlite_file_in_the_data_dir(tmp_path):
     assert default_url({"DISPATCH_DATA_DIR": str(tmp_path)}) == f"sqlite:///{tmp_path}/ledger.db"
     assert default_url({"DISPATCH_LEDGER_URL": "postgresql+psycopg://x/y"}).startswith("postgres")
+
+
+def test_a_second_nodes_claim_of_the_same_attempt_moves_the_job_and_its_lease(ledger):
+    # The first node died before acking: the broker gave the same message to another node.
+    assert ledger.apply(job(Event.CLAIMED, "j1", t=0, node="n1"))
+    assert ledger.apply(job(Event.CLAIMED, "j1", t=5, node="n2"))
+    assert not ledger.apply(job(Event.CLAIMED, "j1", t=5, node="n2"))
+    assert ledger.apply(heartbeat("n2", t=30, running=(("j1", 1),)))
+    assert ledger.job("j1").host == "n2"
+    with ledger.transaction() as session:
+        assert session.get(JobRow, "j1").lease_renewed_at == T0 + datetime.timedelta(seconds=30)

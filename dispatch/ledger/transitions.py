@@ -2,8 +2,8 @@
 
 Rules that make the ledger safe under redelivery and late messages:
 
-- a job event is applied once: its id (``<job_id>/<attempt>/<event>``) is kept in
-  the history table, and an id seen before is skipped (attribute events excepted:
+- a job event is applied once: its id (``<job_id>/<attempt>/<event>@<node>``) is kept
+  in the history table, and an id seen before is skipped (attribute events excepted:
   setting an attribute twice is harmless);
 - an event whose attempt is lower than the job's current attempt is stale and
   changes nothing, so a job has exactly one final result;
@@ -64,6 +64,16 @@ class Effects:
 
 
 
+def dedupe_key(body: Mapping[str, Any]) -> str:
+    """Return the key that makes a job event apply once: its event id and its node.
+
+    The node is part of it because the same attempt may be claimed twice: when a node
+    dies before it acks the job message, the broker hands the message to another node,
+    whose claim must move the job (and its lease) there.
+    """
+    return f"{events.event_id(body)}@{body.get('node')}"
+
+
 class Applier:
     """Applies events and submissions inside one session; the caller commits."""
 
@@ -83,7 +93,7 @@ class Applier:
         for body in bodies:
             if "job_id" in body:
                 ids.add(str(body["job_id"]))
-                event_ids.add(events.event_id(body))
+                event_ids.add(dedupe_key(body))
             for entry in body.get("running") or ():
                 if isinstance(entry, Mapping) and "job_id" in entry:
                     ids.add(str(entry["job_id"]))
@@ -162,7 +172,7 @@ class Applier:
         return self._job_event(event, body, at)
 
     def _job_event(self, event: Event, body: Mapping[str, Any], at: datetime.datetime) -> bool:
-        eid = events.event_id(body)
+        eid = dedupe_key(body)
         if event is not Event.ATTRIBUTE and eid in self._seen:
             return False
         job_id, attempt = str(body["job_id"]), int(body["attempt"])
@@ -198,7 +208,7 @@ class Applier:
         for entry in body.get("running") or ():
             job = self.job(str(entry.get("job_id")))
             if (job is not None and int(entry.get("attempt", 1)) == job.attempt
-                    and LedgerState(job.state).is_active and job.host == name):
+                    and LedgerState(job.state).is_active):
                 renew_lease(job, at)
         return True
 
