@@ -64,17 +64,17 @@ def env_example() -> dict[str, str]:
     return pairs
 
 
-def documented() -> dict[str, str]:
-    """Return the variables table of docs/operations.md as NAME -> its 'read by' cell."""
+def documented() -> dict[str, tuple[str, str]]:
+    """Return the variables table of docs/operations.md as NAME -> ('read by', 'default')."""
     rows = {}
     text = OPERATIONS.read_text(encoding="utf-8")
     section = text.split("\n## Configuration", 1)[1].split("\n## ", 1)[0]
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        match = re.fullmatch(r"`([A-Z][A-Z0-9_]*)`", cells[0]) if len(cells) >= 3 else None
+        match = re.fullmatch(r"`([A-Z][A-Z0-9_]*)`", cells[0]) if len(cells) >= 4 else None
         if match:
             assert match.group(1) not in rows, f"{match.group(1)} twice in the table"
-            rows[match.group(1)] = cells[1]
+            rows[match.group(1)] = (cells[1], cells[2])
     return rows
 
 
@@ -306,10 +306,13 @@ def test_every_variable_compose_reads_is_in_the_table_and_the_example_with_its_d
     assert names == set(example), "compose.yaml and deploy/dispatch.env.example differ"
     assert names <= set(table), f"not in docs/operations.md: {sorted(names - set(table))}"
     for name, op, arg in refs:
+        default = table[name][1]
         if op == ":-":
             assert example[name] == arg, f"{name}: compose says {arg!r}, example {example[name]!r}"
+            assert default == (f"`{arg}`" if arg else "empty"), f"{name}: the table says {default}"
         elif op == ":?":
             assert example[name] == "", f"{name} is a secret: leave it empty in the example"
+            assert default == "required", f"{name}: the table says {default}"
         else:
             pytest.fail(f"{name}: give it a default (:-) or make it required (:?)")
 
@@ -337,7 +340,7 @@ def test_the_table_lists_what_the_code_reads_and_nothing_that_nothing_reads():
 
     assert set(CLIENT) <= set(table), sorted(set(CLIENT) - set(table))
     compose_names = {name for name, _, _ in references(load_compose())}
-    for name, read_by in table.items():
+    for name, (read_by, _) in table.items():
         if "compose" in read_by:
             assert name in compose_names, f"{name}: the table says compose reads it"
         if "code" in read_by:
