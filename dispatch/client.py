@@ -56,6 +56,7 @@ class Client:
 
     def _connect(self) -> None:
         conn = broker.connect(self.broker_url, heartbeat_s=self._heartbeat_s)
+        self.user = str(conn.userid)
         with broker.translated("declaring the reply queue"):
             channel = conn.default_channel
             channel.exchange_declare(topology.jobs_exchange(), "direct", durable=True,
@@ -120,6 +121,9 @@ class Client:
             "correlation_id": job_id,
             "reply_to": self.reply_queue,
             "priority": spec.priority,
+            # The broker checks user_id against the connection's user: the job's owner
+            # is a fact, not a claim, and only that owner (or an admin) may rm/hold it.
+            "user_id": self.user,
         }
         if body:
             props["content_type"] = ZIP_CONTENT_TYPE

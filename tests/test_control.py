@@ -198,6 +198,7 @@ def test_a_node_with_a_listener_claims_jobs_and_reports_their_life(tap, worker, 
     assert claimed["attempt"] == 1 and claimed["pool"] == pool
     assert claimed["request"]["headers"]["Cmd"] == "echo"
     assert claimed["request"]["routing_key"] == pool
+    assert claimed["request"]["properties"]["user_id"] == "guest"  # the owner, broker-checked
     assert tap.job("job.running", job_id)["started_at"]
     exited = tap.job("job.exited", job_id)
     assert (exited["exit_code"], exited["host"]) == (0, result.host)

@@ -55,10 +55,13 @@ def test_a_node_killed_mid_job_costs_exactly_one_rerun_and_one_result(ledger_ser
         handle = client.submit(JobSpec("sleep", ("2",), pool=pool))
         running = next(handle.updates(timeout_s=30))
         assert (running.state, running.host) == (JobState.RUNNING, "doomed")
+        ledger_service.wait_for(lambda led: (r := led.job(handle.job_id)) and r.host == "doomed")
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
         vhost_workers.start(*HEARTBEAT, "--name", "survivor", pools=(pool,), slots=1)
         updates = [running, *handle.updates(timeout_s=60)]
+    # The claim reached the ledger, so the job message was acked: the broker has
+    # nothing to redeliver, and the ledger sends attempt 2 once the lease runs out.
     assert [(u.state, u.attempt, u.host) for u in updates] == [
         (JobState.RUNNING, 1, "doomed"),
         (JobState.IDLE, 2, None),
@@ -69,3 +72,21 @@ def test_a_node_killed_mid_job_costs_exactly_one_rerun_and_one_result(ledger_ser
     record = ledger_service.wait_for(
         lambda led: (r := led.job(handle.job_id)) and r.state is LedgerState.EXITED and r)
     assert (record.attempt, record.host, record.exit_code) == (2, "survivor", 0)
+
+
+def test_a_node_killed_before_its_claim_lands_is_covered_by_the_broker(vhost_workers,
+                                                                       vhost_url, pool):
+    """Without a ledger to claim with, the job stays unacked: the broker hands it on."""
+    first = vhost_workers.start(*HEARTBEAT, "--name", "doomed", pools=(pool,), slots=1)
+    with Client(vhost_url) as client:
+        handle = client.submit(JobSpec("sleep", ("1",), pool=pool))
+        running = next(handle.updates(timeout_s=30))
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+        vhost_workers.start(*HEARTBEAT, "--name", "survivor", pools=(pool,), slots=1)
+        updates = [running, *handle.updates(timeout_s=60)]
+    assert [(u.state, u.attempt, u.host) for u in updates] == [
+        (JobState.RUNNING, 1, "doomed"),
+        (JobState.RUNNING, 1, "survivor"),
+        (JobState.EXITED, 1, "survivor"),
+    ]

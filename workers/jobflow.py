@@ -1,0 +1,268 @@
+"""How a job moves through a node: received, admitted, started, claimed, reaped, acked."""
+
+from __future__ import annotations
+
+import logging
+import selectors
+from typing import Any
+
+from dispatch import broker, events, headers, topology
+from dispatch.errors import InvalidJobError
+from dispatch.events import ControlOp, Event
+from dispatch.job import JobState
+from workers import intake
+from workers.nodebase import RECENT_JOBS, Active, NodeBase
+from workers.orders import Order
+from workers.replies import Settle
+
+log = logging.getLogger(__name__)
+
+
+class JobFlow(NodeBase):
+    """Receives job messages and carries each job to its final, confirmed reply."""
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    def _receive(self, message: Any) -> None:
+        env = headers.envelope(message.properties, message.headers or {})
+        tag = message.delivery_tag
+        if self.stopping:
+            self._channel().basic_reject(tag, requeue=True)
+            return
+        if self._duplicate(env.job_id, tag):
+            return
+        try:
+            order = self.orders.stopping_order(env.job_id, env.attempt) if self.orders else None
+            if order is not None:
+                self._refuse(message, env, order, self._pool_of(message))
+            else:
+                self._admit(message, env)
+        except broker.CONNECTION_ERRORS:
+            raise
+        except Exception as exc:  # a bug must cost one job, never the node
+            log.exception("job %s: unexpected error while admitting it", env.job_id)
+            self._reject(message, env, f"internal error on {self.machine.name}: {exc}")
+
+    def _pool_of(self, message: Any) -> str:
+        info = message.delivery_info
+        if info.get("exchange") == topology.jobs_exchange():
+            return str(info.get("routing_key") or topology.DEFAULT_POOL)
+        return self.config.queue or str(info.get("routing_key") or topology.DEFAULT_POOL)
+
+    def _admit(self, message: Any, env: headers.Envelope) -> None:
+        try:
+            request = intake.admit(message.properties, message.headers or {}, message.body,
+                                   env=env, slots=self.slots, machine_attrs=self.attrs)
+        except InvalidJobError as exc:
+            self._reject(message, env, exc.reason)
+            return
+        active = Active(message, request, env, message.delivery_tag, self._pool_of(message))
+        if self.slots.fits_now(request.spec.resources):
+            self._start(active)
+        else:
+            log.info("job %s: waiting for a free slot", env.job_id)
+            self.waiting.append(active)
+
+    def _duplicate(self, job_id: str, tag: int) -> bool:
+        """Handle a redelivery of a job this node already runs or has finished."""
+        if job_id in self.running:
+            log.info("job %s: redelivered while running here; keeping one run", job_id)
+            active = self.running[job_id]
+            if active.claimed:
+                self._channel().basic_ack(tag)
+            else:
+                active.delivery_tag = tag
+            return True
+        if job_id in self.recent:
+            log.info("job %s: redelivered after its result was sent; acking", job_id)
+            self._channel().basic_ack(tag)
+            return True
+        return False
+
+    def _start(self, active: Active) -> None:
+        request = active.request
+        try:
+            workdir = self.runner.prepare(request, active.message.body)
+            active.job = self.runner.start(request, workdir,
+                                           extra_env=self.chirp.enrol(request.job_id))
+        except InvalidJobError as exc:
+            self._reject(active.message, active.env, exc.reason)
+            return
+        except OSError as exc:  # this node's fault (disk full...): let another node try
+            log.error("job %s: cannot start here: %s; requeueing", request.job_id, exc)
+            self.chirp.forget(request.job_id)
+            if active.delivery_tag is not None:
+                self._channel().basic_reject(active.delivery_tag, requeue=True)
+            return
+        self.slots.take(request.spec.resources)
+        self.running[request.job_id] = active
+        if active.job.has_pidfd:
+            self._selector.register(active.job, selectors.EVENT_READ, active)
+        if request.spec.resources.cpus > 1 and not self._claim_mode:
+            self._update_prefetch()
+        self._claim(active)
+        self._event(Event.RUNNING, active, host=self.machine.name,
+                    started_at=active.job.started_at)
+        self._reply(active.env, JobState.RUNNING, b"", host=self.machine.name,
+                    started_at=active.job.started_at)
+
+    def _claim(self, active: Active) -> None:
+        """Hand the job to the ledger's keeping: ack it once the claim is confirmed."""
+        if active.delivery_tag is None or not self.announcer.claims_wanted:
+            return
+        message = active.message
+        request = events.capture_request(message.properties, message.headers or {},
+                                         message.body)
+        request["exchange"] = message.delivery_info.get("exchange", "")
+        request["routing_key"] = message.delivery_info.get("routing_key", "")
+
+        def claimed(ok: bool) -> None:
+            if ok and not active.claimed:
+                active.claimed = True
+                self._ack(active)
+
+        self.announcer.claim(job_id=active.request.job_id, attempt=active.request.attempt,
+                             pool=active.pool, request=request, lease_s=self.config.lease_s,
+                             settle=claimed)
+
+    def _reap(self, active: Active) -> None:
+        job = active.job
+        outcome = job.poll() if job is not None else None
+        if job is None or outcome is None:
+            return
+        if job.has_pidfd:
+            self._selector.unregister(job)
+        request = active.request
+        order = active.order
+        held = order is not None and order.op is ControlOp.HOLD
+        archive = b"" if held else self.runner.archive(job)
+        if held:
+            job.close()
+        del self.running[request.job_id]
+        self.chirp.forget(request.job_id)
+        self.slots.give(request.spec.resources)
+        self.jobs_done += 1
+        self.last_job_at = events.now()
+        state = JobState.HELD if held else JobState.REMOVED if outcome.removed else JobState.EXITED
+        log.debug("job %s: %s code=%s signal=%s in %.3fs", request.job_id, state.value,
+                  outcome.exit_code, outcome.exit_signal, outcome.duration_s)
+        result = {"host": self.machine.name, "exit_code": outcome.exit_code,
+                  "exit_by_signal": outcome.exit_by_signal, "exit_signal": outcome.exit_signal,
+                  "duration_s": round(outcome.duration_s, 6)}
+        reason = order.describe() if order is not None else None
+        if state is JobState.EXITED:
+            self._event(Event.EXITED, active, result_bytes=len(archive), **result)
+        else:
+            self._event(Event.HELD if held else Event.REMOVED, active, reason=reason,
+                        by=order.by if order else None, **result)
+        self._reply(active.env, state, archive, settle=lambda ok: self._settled(active, ok),
+                    reason=None if held else reason, hold_reason=reason if held else None,
+                    **result)
+        self.runner.cleanup(job)
+        if request.spec.resources.cpus > 1 and not self._claim_mode:
+            self._update_prefetch()
+        self._start_waiting()
+
+    def _start_waiting(self) -> None:
+        while self.waiting and not self.stopping:
+            if not self.slots.fits_now(self.waiting[0].request.spec.resources):
+                return
+            self._start(self.waiting.popleft())
+
+    def _hand_back_waiting(self) -> None:
+        while self.waiting:
+            active = self.waiting.popleft()
+            if active.delivery_tag is not None:
+                self._channel().basic_reject(active.delivery_tag, requeue=True)
+
+    def _event(self, event: Event, active: Active, **fields: Any) -> None:
+        self.announcer.job(event, job_id=active.request.job_id,
+                           attempt=active.request.attempt, pool=active.pool, **fields)
+
+    def _reply(self, env: headers.Envelope, state: JobState, body: bytes, *,
+               settle: Settle | None = None, **fields: Any) -> None:
+        if env.reply_to is None:
+            if settle is not None:
+                settle(True)
+            return
+        self._replies.send(env, state, body, settle=settle, **fields)
+
+    def _reject(self, message: Any, env: headers.Envelope, reason: str) -> None:
+        log.warning("job %s: rejected: %s", env.job_id, reason)
+        self._reply(env, JobState.REJECTED, b"", reason=reason, host=self.machine.name)
+        request = events.capture_request(message.properties, message.headers or {}, b"")
+        self.announcer.job(Event.REJECTED, job_id=env.job_id, attempt=env.attempt,
+                           pool=self._pool_of(message), host=self.machine.name, reason=reason,
+                           request=request)
+        tag = message.delivery_tag
+        self._replies.dead_letter(message, reason,
+                                  settle=lambda ok: self._ack_if(ok, tag, env.job_id))
+
+    def _refuse(self, message: Any, env: headers.Envelope, order: Order, pool: str) -> None:
+        """Drop a job that was removed or held before it could run here."""
+        held = order.op is ControlOp.HOLD
+        reason = order.describe()
+        log.info("job %s: not run: %s", env.job_id, reason)
+        state = JobState.HELD if held else JobState.REMOVED
+        tag = message.delivery_tag
+
+        def kept(ok: bool) -> None:
+            if ok or not held:
+                self._ack_if(True, tag, env.job_id)
+            else:  # nobody keeps held jobs (no ledger): park it, never lose it
+                self._replies.dead_letter(message, f"{reason} (no ledger keeps held jobs)",
+                                          settle=lambda ok: self._ack_if(ok, tag, env.job_id))
+
+        done = _AllSettled(2, kept)
+        self._reply(env, state, b"", settle=done, host=self.machine.name,
+                    reason=None if held else reason, hold_reason=reason if held else None)
+        fields: dict[str, Any] = {"host": self.machine.name, "reason": reason, "by": order.by}
+        if held:
+            fields["request"] = events.capture_request(message.properties,
+                                                       message.headers or {}, message.body)
+        self.announcer.job(Event.HELD if held else Event.REMOVED, job_id=env.job_id,
+                           attempt=env.attempt, pool=pool, settle=done, must_land=held,
+                           **fields)
+
+    def _settled(self, active: Active, ok: bool) -> None:
+        job_id = active.request.job_id
+        self.recent[job_id] = None
+        if len(self.recent) > RECENT_JOBS:
+            self.recent.popitem(last=False)
+        if active.claimed:
+            return
+        if ok:
+            self._ack(active)
+        else:
+            self._ack_if(False, active.delivery_tag, job_id)
+            active.delivery_tag = None
+
+    def _ack(self, active: Active) -> None:
+        """Ack a job message once, whichever of its claim or final reply settles first."""
+        if active.delivery_tag is not None:
+            self._channel().basic_ack(active.delivery_tag)
+            active.delivery_tag = None
+
+    def _ack_if(self, ok: bool, tag: int | None, job_id: str) -> None:
+        if tag is None:
+            return
+        if ok:
+            self._channel().basic_ack(tag)
+        else:
+            log.error("job %s: broker refused the final reply; requeueing the job", job_id)
+            self._channel().basic_reject(tag, requeue=True)
+
+
+class _AllSettled:
+    """Calls ``done(ok)`` once ``count`` publishes have settled, ``ok`` if all went well."""
+
+    def __init__(self, count: int, done: Settle) -> None:
+        self.left = count
+        self.ok = True
+        self.done = done
+
+    def __call__(self, ok: bool) -> None:
+        self.ok = self.ok and ok
+        self.left -= 1
+        if self.left == 0:
+            self.done(self.ok)

@@ -1,0 +1,176 @@
+"""What every part of an execute node shares: its settings, its jobs, its connection."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import selectors
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kombu
+
+from dispatch import broker, events, headers
+from dispatch.job import JobRequest
+from workers.announce import Announcer
+from workers.chirp import ChirpSocket
+from workers.machine import Machine, detect
+from workers.orders import Order, Orders
+from workers.replies import Replies
+from workers.runner import RunAs, Runner, RunningJob
+from workers.slots import Slots
+
+log = logging.getLogger(__name__)
+
+
+
+RECENT_JOBS = 4096
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Settings of one execute node (``dispatch worker`` options)."""
+
+    broker_url: str
+    pools: tuple[str, ...] = ("default",)
+    slots: int | None = None
+    exchange: str | None = None
+    routing_key: str | None = None
+    queue: str | None = None
+    workdir_root: Path = Path("/var/tmp/dispatch")  # noqa: S108
+    user: str | None = "nobody"
+    groups: tuple[str, ...] = ()
+    name: str | None = None
+    memory_mb: int | None = None
+    heartbeat_s: int = broker.DEFAULT_HEARTBEAT_S
+    kill_grace_s: float = 5.0
+    burst: bool = False
+    #: Seconds between node heartbeats; a claimed job's lease lasts three of them.
+    heartbeat_interval_s: float = 10.0
+    #: Broker users besides the node's own whose control messages it obeys.
+    admins: tuple[str, ...] = ()
+
+    @property
+    def lease_s(self) -> float:
+        """Return how long a claim stays valid without a heartbeat renewing it."""
+        return 3 * self.heartbeat_interval_s
+
+
+@dataclass
+class Active:
+    """A job this node holds: running, or waiting for a slot."""
+
+    message: Any  # a kombu Message (untyped)
+    request: JobRequest
+    env: headers.Envelope
+    delivery_tag: int | None
+    pool: str
+    job: RunningJob | None = None
+    #: The remove or hold order that stopped the job, if one did.
+    order: Order | None = None
+    claimed: bool = False
+
+
+class NodeBase:
+    """The state of one execute node and its connection helpers.
+
+    The node is built in layers, one concern each: :class:`~workers.jobflow.JobFlow`
+    moves jobs through it, :class:`~workers.duties.NodeDuties` obeys orders, relays
+    chirps and sends heartbeats, and :class:`~workers.node.ExecuteNode` runs the loop.
+    """
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        run_as = None
+        if os.geteuid() == 0 and config.user:
+            run_as = RunAs.lookup(config.user)
+        self.machine: Machine = detect(slots=config.slots, workdir_root=config.workdir_root,
+                                       groups=config.groups, pools=config.pools,
+                                       name=config.name, memory_mb=config.memory_mb)
+        self.attrs = self.machine.attributes()
+        self.slots = Slots(self.machine)
+        self.runner = Runner(config.workdir_root, run_as, config.kill_grace_s)
+        self.running: dict[str, Active] = {}
+        self.waiting: collections.deque[Active] = collections.deque()
+        self.recent: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.inbox: collections.deque[Any] = collections.deque()
+        self.control_inbox: collections.deque[Any] = collections.deque()
+        self.stopping = False
+        self.draining = False
+        self.stop_reason = "stopped"
+        self.jobs_done = 0
+        self.started_at = events.now()
+        self.last_job_at: str | None = None
+        self.orders: Orders | None = None
+        self._empty_since: float | None = None
+        self._next_heartbeat = 0.0
+        self._offline_sent = False
+        self._claim_mode: bool | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self.chirp = ChirpSocket(config.workdir_root, self.machine.name)
+        self._selector.register(self.chirp, selectors.EVENT_READ, "chirp")
+        self._replies_now: Replies | None = None
+        self._announcer: Announcer | None = None
+        self._conn: kombu.Connection | None = None
+
+    def request_stop(self, reason: str = "stopped") -> None:
+        """Stop taking jobs; ``run`` returns once running jobs have finished and replied."""
+        if not self.stopping:
+            self.stop_reason = reason
+        self.stopping = True
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
+
+    @property
+    def _replies(self) -> Replies:
+        if self._replies_now is None:
+            raise RuntimeError("not connected")
+        return self._replies_now
+
+    @property
+    def announcer(self) -> Announcer:
+        """Return the publisher of this node's events (while connected)."""
+        if self._announcer is None:
+            raise RuntimeError("not connected")
+        return self._announcer
+
+    # -- connection helpers -------------------------------------------------------------
+
+    def _channel(self) -> Any:
+        if self._conn is None:
+            raise RuntimeError("not connected")
+        return self._conn.default_channel
+
+    def _prefetch(self) -> int:
+        if self._claim_mode:
+            # Claimed jobs are acked, so prefetch no longer counts them: one job at a
+            # time arrives, and at most one waits for a slot.
+            return 1
+        extra: int = sum(a.request.spec.resources.cpus - 1 for a in self.running.values())
+        return max(1, self.machine.cpus - extra)
+
+    def _update_prefetch(self) -> None:
+        self._channel().basic_qos(0, self._prefetch(), True)
+
+    def _rebind_running(self) -> None:
+        """After a reconnect, old delivery tags are void; redeliveries bring new ones."""
+        for active in self.running.values():
+            active.delivery_tag = None
+        for active in self.waiting:
+            active.delivery_tag = None
+        self.waiting.clear()
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.release()
+            except Exception:
+                log.debug("error while releasing a broken connection", exc_info=True)
+        self._conn = None
+        self._replies_now = None
