@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import copy
 import importlib
+import json
 import re
 import shlex
 import shutil
@@ -25,7 +26,14 @@ import click
 import jsonschema
 import pytest
 import yaml
+from celery import Celery
+from celery.bin.base import CLIContext
+from celery.bin.celery import celery as celery_group
 from cli_parse import parse
+from flower.options import options as flower_options
+
+from dispatch.config import VARIABLES as CLIENT
+from workers.cloud.settings import VARIABLES as CLOUD
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
@@ -143,7 +151,6 @@ def container_argv(service: dict[str, Any], env: dict[str, str]) -> list[str]:
 def spec() -> jsonschema.Draft201909Validator:
     assert SPEC_SCHEMA.is_file(), "the Compose Specification's schema comes with Debian's " \
                                   "docker-compose package: run scripts/setup"
-    import json
     schema = json.loads(SPEC_SCHEMA.read_text(encoding="utf-8"))
     assert "2019-09" in schema["$schema"]  # spelt http://...# there, which jsonschema misses
     jsonschema.Draft201909Validator.check_schema(schema)
@@ -245,10 +252,6 @@ def test_a_misspelt_option_in_a_compose_command_would_be_caught():
 
 
 def test_celery_commands_name_the_cloud_app_and_real_celery_subcommands():
-    from celery import Celery
-    from celery.bin.base import CLIContext
-    from celery.bin.celery import celery as celery_group
-    from flower.options import options as flower_options
 
     seen = set()
     for name, service in _services().items():
@@ -275,7 +278,6 @@ def test_celery_commands_name_the_cloud_app_and_real_celery_subcommands():
 
 
 def test_flower_settings_are_options_flower_reads():
-    from flower.options import options as flower_options
 
     flower = load_compose()["services"]["flower"]
     names = [k for k in flower["environment"] if k.startswith("FLOWER_")]
@@ -335,8 +337,6 @@ def test_every_dispatch_variable_handed_to_a_container_is_read_by_the_code_or_it
 
 def test_the_table_lists_what_the_code_reads_and_nothing_that_nothing_reads():
     table, code = documented(), _read_by_code()
-    from dispatch.config import VARIABLES as CLIENT
-    from workers.cloud.settings import VARIABLES as CLOUD
 
     assert set(CLIENT) <= set(table), sorted(set(CLIENT) - set(table))
     compose_names = {name for name, _, _ in references(load_compose())}
