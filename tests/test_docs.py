@@ -230,6 +230,7 @@ CHECKS = frozenset({
     "test_the_coverage_check_finds_no_runner_for_an_option_no_test_uses",
     "test_the_exceptions_name_commands_the_docs_still_show",
     "test_relative_links_between_the_docs_resolve",
+    "test_the_docs_index_links_every_page",
 })
 
 def test_the_docs_show_commands_of_every_verb_users_and_operators_type():
@@ -382,3 +383,10 @@ def test_users_add_through_the_compose_wrapper_makes_a_user_that_can_submit(
             conn.default_channel.queue_declare(f"dispatch.reply.{name}-laptop", durable=True)
     finally:
         rabbitmq_proc.rabbitctl_output("delete_user", name)
+
+
+def test_the_docs_index_links_every_page():
+    index = (ROOT / "docs" / "README.md").read_text(encoding="utf-8")
+    for doc in DOCS:
+        if doc.name != "README.md":
+            assert f"]({doc.name})" in index, f"docs/README.md does not link {doc.name}"
