@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
@@ -24,5 +26,9 @@ def test_a_celery_task_submits_a_job_and_returns_its_exit_code(worker, broker_ur
             spec = JobSpec("/bin/sh", ("-c", f"exit {code}"), pool=pool_name)
             return client.submit(spec).wait(timeout_s=30).exit_code
 
-    with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
-        assert run_job.delay(pool, 7).get(timeout=60) == 7
+    root_level = logging.getLogger().level
+    try:
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
+            assert run_job.delay(pool, 7).get(timeout=60) == 7
+    finally:  # the embedded worker sets the root logger's level: give it back
+        logging.getLogger().setLevel(root_level)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -112,6 +113,7 @@ def test_always_sends_every_change_and_error_only_failures(tmp_path, webhook):
 
 
 def test_failing_notices_are_logged_and_nothing_else_happens(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="dispatch.ledger.notify")
     led = Ledger.open(f"sqlite:///{tmp_path / 'l.db'}")
     dead = port_for.select_random()
     notifier = Notifier(f"smtp://127.0.0.1:{dead}")
