@@ -137,3 +137,23 @@ def node_control_queue(node: str) -> str:
 
 
 NODE_CONTROL_EXPIRES_S = 24 * 3600
+
+
+def dashboard_queue() -> str:
+    """Return the durable queue ``dispatch flower-feed`` reads the events it shows from."""
+    return "dispatch.dashboard"
+
+
+#: Most events, and bytes, the dashboard queue keeps while its feed is away.
+DASHBOARD_MAX_EVENTS = 100_000
+DASHBOARD_MAX_BYTES = 256 * 1024 * 1024
+
+
+def dashboard_queue_arguments() -> dict[str, object]:
+    """Return the arguments of the dashboard queue: bounded, the oldest events dropped first.
+
+    It has no dead-letter exchange, so a stopped feed never fills the dead-letter queue:
+    the ledger's queue, which the feed requires, keeps (and dead-letters) every event.
+    """
+    return {"x-queue-type": "classic", "x-max-length": DASHBOARD_MAX_EVENTS,
+            "x-max-length-bytes": DASHBOARD_MAX_BYTES, "x-overflow": "drop-head"}
