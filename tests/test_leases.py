@@ -90,3 +90,17 @@ def test_a_node_killed_before_its_claim_lands_is_covered_by_the_broker(vhost_wor
         (JobState.RUNNING, 1, "survivor"),
         (JobState.EXITED, 1, "survivor"),
     ]
+
+
+def test_a_ledger_started_after_the_nodes_still_sees_every_job(ledger_service, vhost_workers,
+                                                               vhost_url, pool):
+    # The node starts with nobody listening to its events (heartbeats every 10 s);
+    # the ledger's start-up sync tells it at once that someone keeps them now.
+    vhost_workers.start(pools=(pool,))
+    ledger_service.start("--pool", pool)
+    with Client(vhost_url) as client:
+        result = client.submit(JobSpec("true", pool=pool)).wait(timeout_s=30)
+    record = ledger_service.wait_for(
+        lambda led: (r := led.job(result.job_id)) and r.state is LedgerState.EXITED and r,
+        timeout_s=5)
+    assert record.host == result.host

@@ -34,7 +34,10 @@ class NodeDuties(JobFlow):
         orders.remember(order)
         log.info("node %s: %s %s by %s", self.machine.name, order.op.value,
                  " ".join(order.job_ids) or "node", order.by)
-        if order.op is ControlOp.DRAIN:
+        if order.op is ControlOp.SYNC:  # a ledger (re)started: it wants every job's events
+            self.announcer.listening = True
+            self._next_heartbeat = 0.0
+        elif order.op is ControlOp.DRAIN:
             self.draining = True
             self.request_stop(f"drained by {order.by}")
             self._next_heartbeat = 0.0

@@ -90,7 +90,7 @@ class Orders:
         job_ids = data.get("job_ids", [])
         if not isinstance(job_ids, list) or not all(isinstance(j, str) for j in job_ids):
             raise InvalidMessageError("must be a list of job id strings", field="job_ids")
-        if not op.is_node_op and not job_ids:
+        if not op.is_node_op and op is not ControlOp.SYNC and not job_ids:
             raise InvalidMessageError(f"{op} names no job", field="job_ids")
         attempts = data.get("attempts") or {}
         if not isinstance(attempts, dict) or not all(

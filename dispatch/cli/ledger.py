@@ -41,8 +41,9 @@ def _pool(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...])
 @click.option("--pool", "pools", multiple=True, callback=_pool,
               help="Track this pool's submissions from the start (repeatable; pools named "
                    "in node heartbeats are tracked too).")
-@click.option("--lease-check-s", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
-              help="How often expired leases are looked for.")
+@click.option("--lease-check-s", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="How often expired leases are looked for (0: leave it to the Celery "
+                   "beat task dispatch.ledger.expire_leases).")
 @click.option("--batch-max", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Most messages applied in one transaction.")
 def ledger_command(broker: str | None, db: str | None, pools: tuple[str, ...],

@@ -61,9 +61,12 @@ class AmqpPublisher:
             props["user_id"] = self.user  # only our own user id passes the broker's check
         raw = {**(request.get("headers") or {}), headers.ATTEMPT: attempt}
         msg = broker.message(bytes(request.get("body") or b""), raw, **props)
+        # Back where it first came from: the jobs exchange and its pool, or the custom
+        # exchange and key a node served (HTCondor's amq.direct topology, say).
+        exchange = str(request.get("exchange") or topology.jobs_exchange())
+        key = str(request.get("routing_key") or pool)
         with broker.translated(f"sending job {props.get('message_id')} to pool {pool!r}"):
-            self._seqs.append(self._confirms.publish(msg, topology.jobs_exchange(), pool,
-                                                     mandatory=True))
+            self._seqs.append(self._confirms.publish(msg, exchange, key, mandatory=True))
 
     def reply(self, request: Mapping[str, Any], attempt: int, state: JobState,
               **fields: Any) -> None:

@@ -95,12 +95,18 @@ class LedgerService:
                 kombu.Consumer(channel, queues=[kombu.Queue(queue, no_declare=True)],
                                accept=[events.CONTENT_TYPE], no_ack=False,
                                on_message=self._collector(kind)).consume()
+            # Nodes that found no ledger skip per-job events: tell them one listens now.
+            self.publisher.broadcast({"op": events.ControlOp.SYNC.value,
+                                      "reason": "ledger started", "by": self.user,
+                                      "at": events.now()})
+            self.publisher.flush()
         log.info("ledger: consuming events as %s", self.user)
         while not stop.is_set():
             drained = self._fill(conn)
             if self._inbox:
                 self._process(channel)
-            if drained and time.monotonic() - self._last_check >= self.settings.lease_check_s:
+            if (drained and self.settings.lease_check_s
+                    and time.monotonic() - self._last_check >= self.settings.lease_check_s):
                 self._last_check = time.monotonic()
                 handled = expire_leases(self.ledger, self.publisher, utcnow())
                 if handled:

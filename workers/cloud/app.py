@@ -16,10 +16,12 @@ from workers.cloud.settings import CloudSettings
 REAP_TASK = "dispatch.cloud.reap"
 PROVISION_TASK = "dispatch.cloud.provision"
 AUTOSCALE_TASK = "dispatch.cloud.autoscale"
+LEASES_TASK = "dispatch.ledger.expire_leases"
 
 
 def beat_schedule(settings: CloudSettings) -> dict[str, dict[str, Any]]:
-    """Return the periodic runs: reap always, autoscale when its interval is set.
+    """Return the periodic runs: reap always, autoscale when its interval is set, and
+    the ledger's lease expiry when a ledger database is configured.
 
     A run that waited longer than its interval expires unrun, so a stopped worker
     does not face a pile of stale runs when it comes back.
@@ -32,6 +34,10 @@ def beat_schedule(settings: CloudSettings) -> dict[str, dict[str, Any]]:
         schedule["autoscale"] = {"task": AUTOSCALE_TASK,
                                  "schedule": float(settings.autoscale_every_s),
                                  "options": {"expires": float(settings.autoscale_every_s)}}
+    if settings.ledger_url and settings.lease_check_every_s:
+        schedule["expire-leases"] = {"task": LEASES_TASK,
+                                     "schedule": float(settings.lease_check_every_s),
+                                     "options": {"expires": float(settings.lease_check_every_s)}}
     return schedule
 
 

@@ -19,6 +19,7 @@ from workers.cloud.errors import LockBusyError
 log = logging.getLogger(__name__)
 REAP = "reap"
 PROVISION = "provision"  # autoscale takes it too: one booting run at a time
+LEASES = "leases"
 
 
 def lock_queue(name: str) -> str:

@@ -51,6 +51,8 @@ VARIABLES = {
     "(default: dispatch-node, in the SSH user's home)",
     "DISPATCH_CLOUD_REMOTE_DISPATCH": "the dispatch command on servers (default: dispatch)",
     "DISPATCH_CLOUD_WORKER_ARGS": "extra `dispatch worker` arguments on servers",
+    "DISPATCH_LEASE_CHECK_EVERY": "how often beat sends out jobs whose lease expired (needs "
+    "DISPATCH_LEDGER_URL; 0 leaves it to `dispatch ledger`; default 5s)",
 }
 
 
@@ -75,6 +77,7 @@ class CloudSettings:
     task_queue: str = "dispatch.cloud.tasks"
     reap_every_s: int = 60
     autoscale_every_s: int = 0
+    lease_check_every_s: int = 5
     pools: tuple[str, ...] = ()
     max_nodes: int = 10
     max_cores: int = 64
@@ -115,6 +118,7 @@ class CloudSettings:
             task_queue=get.text("DISPATCH_CLOUD_TASK_QUEUE") or "dispatch.cloud.tasks",
             reap_every_s=get.duration("DISPATCH_CLOUD_REAP_EVERY", 60),
             autoscale_every_s=get.duration("DISPATCH_CLOUD_AUTOSCALE_EVERY", 0),
+            lease_check_every_s=get.duration("DISPATCH_LEASE_CHECK_EVERY", 5),
             pools=tuple(p.strip() for p in (get.text("DISPATCH_CLOUD_POOLS") or "").split(",")
                         if p.strip()),
             max_nodes=get.integer("DISPATCH_CLOUD_MAX_NODES", 10),

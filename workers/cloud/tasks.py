@@ -1,4 +1,5 @@
-"""The Celery tasks: reap, provision, autoscale. Each takes its lock, so beats may overlap.
+"""The Celery tasks: reap, provision, autoscale, expire leases. Each takes its lock, so
+beats may overlap.
 
 The work itself lives in plain modules (:mod:`workers.cloud.reaper`,
 :mod:`workers.cloud.provisioner`, :mod:`workers.cloud.scaler`); the tasks connect,
@@ -10,8 +11,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from dispatch import broker
+from dispatch.ledger.leases import expire_leases
+from dispatch.ledger.publisher import AmqpPublisher
+from dispatch.ledger.store import Ledger, utcnow
 from workers.cloud import lock, reaper, scaler
-from workers.cloud.app import AUTOSCALE_TASK, PROVISION_TASK, REAP_TASK, app
+from workers.cloud.app import AUTOSCALE_TASK, LEASES_TASK, PROVISION_TASK, REAP_TASK, app
 from workers.cloud.errors import LockBusyError
 from workers.cloud.flavors import Need
 from workers.cloud.provisioner import Order, provision
@@ -68,6 +73,36 @@ def _provision_task(self: Any, *args: Any, **kwargs: Any) -> list[str]:
         raise self.retry(exc=exc, countdown=5, max_retries=60) from None
 
 
+def run_expire_leases() -> list[str]:
+    """Send out again (or hold) every job whose lease expired; return their ids.
+
+    The ledger service can do this itself (``dispatch ledger --lease-check-s``); run
+    from beat, it survives a ledger restart and takes a lock so two beats act once.
+    """
+    settings = CloudSettings.from_env()
+    if not settings.ledger_url:
+        log.warning("expire-leases: DISPATCH_LEDGER_URL is not set; nothing to do")
+        return []
+    try:
+        with lock.held(settings.broker_url, lock.LEASES):
+            conn = broker.connect(settings.broker_url, heartbeat_s=0)
+            ledger = Ledger.open(settings.ledger_url)
+            try:
+                publisher = AmqpPublisher(conn.default_channel, str(conn.userid))
+                handled = expire_leases(ledger, publisher, utcnow())
+            finally:
+                ledger.close()
+                conn.release()
+    except LockBusyError:
+        log.info("expire-leases: another run holds the lock; skipped")
+        return []
+    if handled:
+        log.info("expire-leases: sent out again or held %d job(s): %s", len(handled),
+                 " ".join(handled))
+    return handled
+
+
 reap = app.task(name=REAP_TASK)(run_reap)
+expire_leases_task = app.task(name=LEASES_TASK)(run_expire_leases)
 provision_task = app.task(name=PROVISION_TASK, bind=True)(_provision_task)
 autoscale = app.task(name=AUTOSCALE_TASK)(run_autoscale)
