@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Workers
 from dispatch.client import Client
 from dispatch.job import JobSpec, JobState
 from dispatch.ledger.records import LedgerState
+
+from conftest import Workers
 
 pytestmark = pytest.mark.timeout(120)
 

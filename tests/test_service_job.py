@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Workers
 from dispatch.client import Client
 from dispatch.job import JobSpec, JobState
+
+from conftest import ROOT, Workers
 
 pytestmark = pytest.mark.timeout(120)
 
