@@ -233,3 +233,13 @@ def test_celery_commands_that_act_on_workers_are_refused_with_dispatchs_way() ->
     refused = handlers["pool_shrink"](NODE, n=1)
     assert "dispatch rm" in refused["error"]
     assert handlers["enable_events"](NODE) is None
+
+
+def test_nodes_gone_for_a_day_are_forgotten() -> None:
+    t = Translator()
+    t.translate(beat(), NOW)
+    t.translate(checked(events.node_event(Event.OFFLINE, node=NODE, reason="drained")), NOW)
+    t.expire(NOW + 3600)
+    assert NODE in t.book.nodes
+    t.expire(NOW + dashboard_nodes.FORGET_AFTER_S + 1)
+    assert NODE not in t.book.nodes

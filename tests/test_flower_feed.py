@@ -48,8 +48,9 @@ class Stack:
         wait_until(lambda: self.text("/healthcheck") == "OK", "Flower to answer",
                    describe=self.logs)
 
-    def start_feed(self) -> Any:
-        return self.procs.start("feed", "dispatch", "flower-feed", "--broker", self.url)
+    def start_feed(self) -> subprocess.Popen[bytes]:
+        self.feed = self.procs.start("feed", "dispatch", "flower-feed", "--broker", self.url)
+        return self.feed
 
     def start_worker(self, node: str) -> None:
         self.workers.start("--name", node, "--heartbeat-interval", "1", pools=(self.pool,))
@@ -236,3 +237,21 @@ def _dispatch_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "dispatch", *args], capture_output=True,
                           text=True, timeout=60, cwd=ROOT, check=False,
                           env={**os.environ, "DISPATCH_BROKER_URL": url})
+
+
+def test_the_feed_comes_back_after_the_broker_drops_every_connection(
+        stack: Stack, rabbitmq_proc: Any, vhost: str) -> None:
+    worker = _running_stack(stack)
+    rabbitmq_proc.rabbitctl_output("close_all_connections", "-p", vhost, "test: broker restart")
+    wait_until(lambda: "starting again" in stack.procs.log("feed"), "the feed to reconnect",
+               describe=stack.logs)
+    wait_consumed(stack.url, topology.dashboard_queue(), stack)
+    wait_until(lambda: stack.api("/api/workers?status=1").get(worker) is True,
+               "Flower to see the node again", describe=stack.logs)
+    with Client(stack.url) as client:
+        handle = client.submit(JobSpec("true", pool=stack.pool, name="after-the-drop"))
+        assert handle.wait(timeout_s=30).state is JobState.EXITED
+    task = wait_until(lambda: stack.task_in(handle.job_id, "SUCCESS"), "the job in Flower",
+                      describe=stack.logs)
+    assert task["name"] == "after-the-drop" and task["worker"] == worker
+    assert stack.feed.poll() is None  # the feed lived through it

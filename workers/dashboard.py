@@ -30,7 +30,7 @@ from celery.events import EventDispatcher
 
 from dispatch import broker, events, schema, topology
 from dispatch.errors import DispatchError, InvalidMessageError
-from workers.dashboard_events import SHOWN, CeleryEvent, Translator
+from workers.dashboard_events import SHOWN, CeleryEvent, Translator, hostname
 from workers.dashboard_inspect import Answers, Pidboxes
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,10 @@ class Feed:
             self._sender(event.hostname).send(event.type, **event.fields)
         if found and self._pidboxes is not None:
             self._pidboxes.sync({n.name for n in self.translator.book.alive()})
+        if len(self._senders) > len(self.translator.book.nodes):  # some were forgotten
+            known = {hostname(n) for n in self.translator.book.nodes}
+            for name in set(self._senders) - known:
+                del self._senders[name]
 
     def _sender(self, name: str) -> EventDispatcher:
         sender = self._senders.get(name)

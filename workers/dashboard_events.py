@@ -120,20 +120,22 @@ class Translator:
         if kind == Event.HEARTBEAT.value:
             return self._heartbeat(body, now)
         if kind == Event.OFFLINE.value:
-            return self._offline(str(body.get("node")))
+            return self._offline(self.book.seen(str(body.get("node")), now).name)
         handler = _JOB_HANDLERS.get(str(kind))
         if handler is None:
             return []
+        node = self.book.seen(str(body.get("node")), now)  # known, so pruned with the others
         fields = {"uuid": str(body.get("job_id")), "timestamp": epoch(body.get("at"), now)}
-        return [CeleryEvent(hostname(str(body.get("node"))), *handler(self, body, fields))]
+        return [CeleryEvent(hostname(node.name), *handler(self, body, fields))]
 
     def expire(self, now: float) -> list[CeleryEvent]:
         """Return worker-offline events for alive nodes whose heartbeats stopped."""
         gone = [n.name for n in self.book.alive() if n.expired(now)]
+        self.book.prune(now)
         return [e for name in gone for e in self._offline(name)]
 
     def _heartbeat(self, body: Mapping[str, Any], now: float) -> list[CeleryEvent]:
-        node = self.book.node(str(body.get("node")))
+        node = self.book.seen(str(body.get("node")), now)
         was_alive = node.alive
         if not node.absorb(body, now):
             return []

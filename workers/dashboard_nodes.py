@@ -24,6 +24,8 @@ LOAD_WINDOWS_S = (60.0, 300.0, 900.0)
 MAX_TRACKED_JOBS = 10_000
 #: Job ids remembered per node as removed or held (``inspect revoked``).
 MAX_REVOKED = 1_000
+#: A node gone this long is forgotten (cloud nodes come and go under new names).
+FORGET_AFTER_S = 24 * 3600.0
 
 
 def epoch(iso: Any, default: float) -> float:
@@ -63,6 +65,7 @@ class NodeView:
     alive: bool = False
     last_beat_at: float = 0.0  # when the feed received the last fresh heartbeat
     beat_at: float = 0.0  # the heartbeat's own time
+    seen_at: float = 0.0  # when the feed last received any event from it
     load: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     totals: collections.Counter[str] = field(default_factory=collections.Counter)
     revoked: collections.deque[str] = field(
@@ -125,9 +128,23 @@ class NodeBook:
             view = self.nodes[name] = NodeView(name)
         return view
 
+    def seen(self, name: str, now: float) -> NodeView:
+        """Return the view of node ``name``, noting that it was just heard from."""
+        view = self.node(name)
+        view.seen_at = now
+        return view
+
     def alive(self) -> Iterator[NodeView]:
         """Yield the nodes believed alive."""
         return (n for n in self.nodes.values() if n.alive)
+
+    def prune(self, now: float) -> list[str]:
+        """Forget nodes gone for :data:`FORGET_AFTER_S`; return their names."""
+        gone = [n.name for n in self.nodes.values()
+                if not n.alive and now - n.seen_at > FORGET_AFTER_S]
+        for name in gone:
+            del self.nodes[name]
+        return gone
 
     def track(self, job: JobView) -> None:
         """Remember a claimed job until its end."""
