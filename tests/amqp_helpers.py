@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import amqp
@@ -74,3 +77,43 @@ def dead_letter_of(conn: kombu.Connection, job_id: str, timeout_s: float = 20.0)
 def headers_of(msg: amqp.Message) -> dict[str, Any]:
     """Return a received message's application headers."""
     return dict(msg.properties.get("application_headers") or {})
+
+
+def wait_for_consumer(url: str, queue: str, *, timeout_s: float = 20.0,
+                      gone: Callable[[], str | None] = lambda: None) -> None:
+    """Wait until ``queue`` has a consumer; raise RuntimeError if ``gone()`` says why not.
+
+    ``gone`` returns an explanation once the process that should consume has died.
+    """
+    deadline = time.monotonic() + timeout_s
+    with kombu.Connection(url, heartbeat=0) as conn:
+        while time.monotonic() < deadline:
+            why = gone()
+            if why is not None:
+                raise RuntimeError(why)
+            channel = conn.channel()
+            try:
+                _, _, consumers = channel.queue_declare(queue, passive=True)
+                if consumers:
+                    return
+            except Exception:
+                pass
+            finally:
+                with contextlib.suppress(Exception):
+                    channel.close()
+            time.sleep(0.05)
+    raise TimeoutError(f"no consumer on {queue} after {timeout_s}s")
+
+
+def stop_processes(procs: Iterable[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every process, then SIGKILL those still running after 15 s."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -22,6 +22,8 @@ from dispatch.events import Event
 from dispatch.ledger.store import Ledger
 from workers.cloud import metadata
 
+from amqp_helpers import stop_processes
+
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "debian-12"
 
@@ -114,15 +116,7 @@ class Processes:
 
     def stop_all(self) -> None:
         """SIGTERM every process, then SIGKILL those that linger."""
-        for _, proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for _, proc in self.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(proc for _, proc in self.procs)
 
 
 @pytest.fixture

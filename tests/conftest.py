@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +15,8 @@ import pytest
 
 from dispatch import topology
 from dispatch.client import Client
+
+from amqp_helpers import stop_processes, wait_for_consumer
 
 pytest_plugins = ["fixtures_postgres", "fixtures_ledger", "cloud_fixtures"]
 
@@ -87,23 +87,15 @@ class Workers:
     def wait_consumed(self, queue: str, proc: subprocess.Popen[bytes],
                       timeout_s: float = 20.0) -> None:
         """Wait until ``queue`` has a consumer (the worker bound and consumes it)."""
-        deadline = time.monotonic() + timeout_s
-        with kombu.Connection(self.broker_url, heartbeat=0) as conn:
-            while time.monotonic() < deadline:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"worker exited with {proc.returncode}: {self.log()}")
-                channel = conn.channel()
-                try:
-                    _, _, consumers = channel.queue_declare(queue, passive=True)
-                    if consumers:
-                        return
-                except Exception:
-                    pass
-                finally:
-                    with contextlib.suppress(Exception):
-                        channel.close()
-                time.sleep(0.05)
-        raise TimeoutError(f"no consumer on {queue} after {timeout_s}s: {self.log()}")
+        def gone() -> str | None:
+            if proc.poll() is None:
+                return None
+            return f"worker exited with {proc.returncode}: {self.log()}"
+
+        try:
+            wait_for_consumer(self.broker_url, queue, timeout_s=timeout_s, gone=gone)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}: {self.log()}") from None
 
     def log(self, index: int = -1) -> str:
         """Return what a worker wrote so far."""
@@ -112,15 +104,7 @@ class Workers:
 
     def stop_all(self) -> None:
         """SIGTERM every worker, then SIGKILL those that do not stop."""
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs)
 
 
 @pytest.fixture

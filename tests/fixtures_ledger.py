@@ -19,6 +19,8 @@ import pytest
 from dispatch import events, topology
 from dispatch.ledger import Ledger
 
+from amqp_helpers import wait_for_consumer
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -98,23 +100,15 @@ class LedgerProcess:
 
 def wait_consumed(url: str, queue: str, owner: LedgerProcess, timeout_s: float = 20.0) -> None:
     """Wait until ``queue`` has a consumer."""
-    deadline = time.monotonic() + timeout_s
-    with kombu.Connection(url, heartbeat=0) as conn:
-        while time.monotonic() < deadline:
-            if owner.proc is not None and owner.proc.poll() is not None:
-                raise RuntimeError(f"ledger exited: {owner.log()}")
-            channel = conn.channel()
-            try:
-                _, _, consumers = channel.queue_declare(queue, passive=True)
-                if consumers:
-                    return
-            except Exception:
-                pass
-            finally:
-                with contextlib.suppress(Exception):
-                    channel.close()
-            time.sleep(0.05)
-    raise TimeoutError(f"no consumer on {queue}: {owner.log()}")
+    def gone() -> str | None:
+        if owner.proc is not None and owner.proc.poll() is not None:
+            return f"ledger exited: {owner.log()}"
+        return None
+
+    try:
+        wait_for_consumer(url, queue, timeout_s=timeout_s, gone=gone)
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}: {owner.log()}") from None
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import kombu
 import pytest
 from openstack_double import OpenStackDouble
 from sshd import Sshd, keygen
@@ -21,6 +20,8 @@ from dispatch import topology
 from dispatch.client import Client
 from dispatch.job import JobSpec
 from workers.cloud.bootstrap import ENV_NAME, SCRIPT_NAME
+
+from amqp_helpers import wait_for_consumer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,23 +62,12 @@ def provision(env: dict[str, str], pool: str) -> subprocess.CompletedProcess[str
                           env=env, capture_output=True, text=True, timeout=90, check=False)
 
 
-def wait_for_consumer(broker_url: str, queue: str, remote: Path) -> None:
-    deadline = time.monotonic() + 30
-    with kombu.Connection(broker_url, heartbeat=0) as conn:
-        while time.monotonic() < deadline:
-            channel = conn.channel()
-            try:
-                _, _, consumers = channel.queue_declare(queue, passive=True)
-                if consumers:
-                    return
-            except Exception:
-                pass
-            finally:
-                with contextlib.suppress(Exception):
-                    channel.close()
-            time.sleep(0.1)
-    log = (remote / "worker.log").read_text() if (remote / "worker.log").exists() else ""
-    pytest.fail(f"the bootstrapped worker never consumed {queue}: {log[-3000:]}")
+def wait_for_worker(broker_url: str, queue: str, remote: Path) -> None:
+    try:
+        wait_for_consumer(broker_url, queue, timeout_s=30)
+    except TimeoutError:
+        log = (remote / "worker.log").read_text() if (remote / "worker.log").exists() else ""
+        pytest.fail(f"the bootstrapped worker never consumed {queue}: {log[-3000:]}")
 
 
 def test_provision_bootstraps_over_ssh_and_the_started_worker_runs_a_job(
@@ -98,7 +88,7 @@ def test_provision_bootstraps_over_ssh_and_the_started_worker_runs_a_job(
     assert env_file.stat().st_mode & 0o777 == 0o600
     assert env_file.read_text() == f"DISPATCH_BROKER_URL={broker_url}\n"
     assert remote.stat().st_mode & 0o777 == 0o700
-    wait_for_consumer(broker_url, topology.pool_queue(pool), remote)
+    wait_for_worker(broker_url, topology.pool_queue(pool), remote)
     pid = int((remote / "worker.pid").read_text())
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     assert f"--name {name} --pool {pool}" in cmdline
