@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -22,7 +23,7 @@ import amqp
 import kombu
 import pytest
 from cloud_fixtures import Processes, wait_until
-from fixtures_ledger import LedgerProcess
+from fixtures_ledger import LedgerProcess, user_url
 from sshd import free_port
 
 from dispatch import topology
@@ -48,8 +49,9 @@ class Stack:
         wait_until(lambda: self.text("/healthcheck") == "OK", "Flower to answer",
                    describe=self.logs)
 
-    def start_feed(self) -> subprocess.Popen[bytes]:
-        self.feed = self.procs.start("feed", "dispatch", "flower-feed", "--broker", self.url)
+    def start_feed(self, url: str | None = None) -> subprocess.Popen[bytes]:
+        self.feed = self.procs.start("feed", "dispatch", "flower-feed", "--broker",
+                                     url or self.url)
         return self.feed
 
     def start_worker(self, node: str) -> None:
@@ -123,10 +125,29 @@ def publish_garbage(url: str, pool: str) -> None:
                               topology.events_exchange(), routing_key=f"job.exited.{pool}")
 
 
-def _running_stack(stack: Stack) -> str:
+def documented_permissions() -> tuple[str, str, str]:
+    """Return the configure, write and read patterns docs/flower.md gives the feed's user."""
+    text = (ROOT / "docs" / "flower.md").read_text(encoding="utf-8")
+    found = {m.group(1): m.group(2).replace("\\|", "|")
+             for m in re.finditer(r"^\| (configure|write|read) \| `(.+)` \|$", text, re.M)}
+    return found["configure"], found["write"], found["read"]
+
+
+@pytest.fixture
+def feed_user_url(rabbitmq_proc: Any, vhost: str) -> Iterator[str]:
+    """The URL of a broker user holding only the feed's documented permissions."""
+    name, password = f"dashboard-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    rabbitmq_proc.rabbitctl_output("add_user", name, password)
+    rabbitmq_proc.rabbitctl_output("set_permissions", "-p", vhost, name,
+                                   *documented_permissions())
+    yield user_url(rabbitmq_proc, vhost, name, password)
+    rabbitmq_proc.rabbitctl_output("delete_user", name)
+
+
+def _running_stack(stack: Stack, feed_url: str | None = None) -> str:
     """Start ledger, feed, Flower and one worker; return the worker's Flower name."""
     stack.ledger.start("--pool", stack.pool)
-    stack.start_feed()
+    stack.start_feed(feed_url)
     wait_consumed(stack.url, topology.dashboard_queue(), stack)
     stack.start_flower()
     node = f"feed-node-{uuid.uuid4().hex[:6]}"
@@ -137,8 +158,9 @@ def _running_stack(stack: Stack) -> str:
     return worker
 
 
-def test_flower_lists_finished_jobs_as_tasks_and_the_node_as_a_worker(stack: Stack) -> None:
-    worker = _running_stack(stack)
+def test_flower_lists_finished_jobs_as_tasks_and_the_node_as_a_worker(
+        stack: Stack, feed_user_url: str) -> None:
+    worker = _running_stack(stack, feed_user_url)  # the feed as its own, restricted user
     publish_garbage(stack.url, stack.pool)
     with Client(stack.url) as client:
         good = client.submit(JobSpec("echo", ("hello", "flower"), pool=stack.pool))

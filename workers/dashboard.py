@@ -144,7 +144,12 @@ class Feed:
                         "its copy): %s", exc.reason)
             message.ack()
             return
-        found = self.translator.translate(body, time.time())
+        try:
+            found = self.translator.translate(body, time.time())
+        except (TypeError, ValueError, KeyError, AttributeError):  # one odd event, not a wedge
+            log.exception("flower-feed: cannot show event %s; dropping it", body.get("event"))
+            message.ack()
+            return
         log.debug("flower-feed: %s %s -> %s", body.get("job_id") or body.get("node"),
                   body.get("event"), [e.type for e in found])
         self._send(found)
