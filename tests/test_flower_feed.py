@@ -6,7 +6,6 @@ the feed and ``dispatch worker`` as subprocesses; Flower is read through its HTT
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -30,6 +29,7 @@ from dispatch import topology
 from dispatch.client import Client
 from dispatch.job import JobSpec, JobState
 
+from amqp_helpers import wait_for_consumer
 from conftest import ROOT, Workers
 
 
@@ -94,17 +94,15 @@ def stack(vhost_url: str, ledger_service: LedgerProcess, workdir_root: Path,
 
 
 def wait_consumed(url: str, queue: str, stack: Stack) -> None:
-    def consumed() -> bool:
-        with kombu.Connection(url, heartbeat=0) as conn:
-            channel = conn.channel()
-            try:
-                return bool(channel.queue_declare(queue, passive=True)[2])
-            except amqp.exceptions.NotFound:
-                return False
-            finally:
-                with contextlib.suppress(Exception):
-                    channel.close()
-    wait_until(consumed, f"a consumer on {queue}", describe=stack.logs)
+    def gone() -> str | None:
+        feed = getattr(stack, "feed", None)
+        if feed is not None and feed.poll() is not None:
+            return f"the feed exited with {feed.returncode}:\n{stack.logs()}"
+        return None
+    try:
+        wait_for_consumer(url, queue, gone=gone)
+    except TimeoutError as exc:
+        pytest.fail(f"{exc}\n{stack.logs()}")
 
 
 def queue_exists(url: str, queue: str) -> bool:
