@@ -80,6 +80,16 @@ def routing_key(event: Event, subject: str) -> str:
     return f"{event.value}.{subject}"
 
 
+def ledger_bindings() -> tuple[str, ...]:
+    """Return the keys the ledger's queue is bound with: every event but claims.
+
+    Claims go straight to the ledger's queue (default exchange, mandatory), so a node
+    learns from an unroutable claim that no ledger keeps its jobs; a queue that merely
+    watches the events (a dashboard) must never make a node ack early.
+    """
+    return tuple(f"{e.value}.#" for e in Event if e is not Event.CLAIMED)
+
+
 def control_key(op: ControlOp, node: str | None = None) -> str:
     """Return the routing key of a control message; node operations name their node."""
     if op.is_node_op:

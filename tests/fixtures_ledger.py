@@ -131,15 +131,18 @@ class Wire:
 
     def publish_event(self, body: dict[str, Any], *, raw: bytes | None = None,
                       content_type: str = events.CONTENT_TYPE) -> None:
-        """Publish an event to the events exchange as a node does, with a confirm."""
+        """Publish an event as a node does (claims to the ledger's queue), with a confirm."""
         self.channel.exchange_declare(topology.events_exchange(), "topic", durable=True,
                                       auto_delete=False)
         subject = body.get("pool") if "job_id" in body else body.get("node")
         msg = amqp.Message(raw if raw is not None else events.encode(body),
                            content_type=content_type, delivery_mode=2,
                            message_id=events.event_id(body) if raw is None else "bad")
-        self.channel.basic_publish(msg, topology.events_exchange(),
-                                   routing_key=f"{body.get('event')}.{subject}")
+        if body.get("event") == events.Event.CLAIMED.value:  # claims go to the ledger itself
+            self.channel.basic_publish(msg, "", routing_key=topology.ledger_queue())
+        else:
+            self.channel.basic_publish(msg, topology.events_exchange(),
+                                       routing_key=f"{body.get('event')}.{subject}")
 
     def tap(self, exchange: str, key: str, kind: str = "topic") -> str:
         """Declare a private queue bound to ``exchange`` with ``key``; return its name."""

@@ -44,15 +44,27 @@ def send_order(conn: kombu.Connection, op: ControlOp, job_ids: tuple[str, ...] =
 
 
 class EventTap:
-    """An exclusive queue bound to every event: what a ledger would see."""
+    """Stands in for a ledger: the ledger's queue, bound to every event, read by the test.
+
+    Nodes claim jobs only when the ledger's queue exists (claims go to it directly);
+    the queue is deleted afterwards so later tests see a world without a ledger.
+    """
 
     def __init__(self, conn: kombu.Connection) -> None:
         self.channel = conn.channel()
         self.channel.exchange_declare(topology.events_exchange(), "topic", durable=True,
                                       auto_delete=False)
-        self.queue, _, _ = self.channel.queue_declare("", exclusive=True)
+        self.queue = topology.ledger_queue()
+        self.channel.queue_declare(self.queue, durable=True, auto_delete=False,
+                                   arguments=topology.ledger_queue_arguments())
+        self.channel.queue_purge(self.queue)
         self.channel.queue_bind(self.queue, topology.events_exchange(), routing_key="#")
         self.seen: list[dict[str, Any]] = []
+
+    def close(self) -> None:
+        """Remove the stand-in ledger queue."""
+        self.channel.queue_delete(self.queue)
+        self.channel.close()
 
     def wait_for(self, match: Callable[[dict[str, Any]], bool],
                  timeout_s: float = 30.0) -> dict[str, Any]:
@@ -83,7 +95,7 @@ class EventTap:
 def tap(amqp: kombu.Connection) -> Iterator[EventTap]:
     tap = EventTap(amqp)
     yield tap
-    tap.channel.close()
+    tap.close()
 
 
 def _running(handle: Any) -> None:

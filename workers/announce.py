@@ -1,10 +1,10 @@
 """A node's lifecycle events: claims, job events and heartbeats on the events exchange.
 
-Claims and heartbeats are published ``mandatory``: when nothing is bound to the
-events exchange (no ledger runs), they come back, and the node knows that nobody
-keeps its events. It then skips job events and claims (the fast path of the first
-issue: the job message stays unacked until its final reply is safe) and asks
-again with the next heartbeat.
+Claims go straight to the ledger's queue, ``mandatory``: when no ledger queue exists
+they come back, and the node knows that nobody keeps its jobs. It then skips claims
+and per-job events (the job message stays unacked until its final reply is safe) and
+looks for the ledger's queue again at each heartbeat, or when a starting ledger says
+so. A queue that only watches the events exchange never counts as a ledger.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import amqp
+import amqp.exceptions
 
 from dispatch import broker, events, topology
 from dispatch.events import Event
@@ -49,8 +50,13 @@ class Announcer:
             self.listening = ok
             settle(ok)
 
-        self._publish(body, events.routing_key(Event.CLAIMED, pool), settle=claimed,
-                      watch=True)
+        msg = broker.message(events.encode(body), {}, content_type=events.CONTENT_TYPE,
+                             message_id=events.event_id(body))
+        self.confirms.publish(msg, "", topology.ledger_queue(), mandatory=True,
+                              on_settled=claimed, settle_returned_as_failed=True)
+        # Watchers (dashboards) see the claim too, without the job's input files.
+        copy = {**body, "request": {**body["request"], "body": b""}}
+        self._publish(copy, events.routing_key(Event.CLAIMED, pool), settle=None)
 
     def job(self, event: Event, *, job_id: str, attempt: int, pool: str,
             settle: Settle | None = None, must_land: bool = False, **fields: Any) -> None:
@@ -73,16 +79,22 @@ class Announcer:
         self._heartbeats += 1
         body = events.node_event(Event.HEARTBEAT, node=self.node, seq=self._heartbeats,
                                  **fields)
+        self._publish(body, events.routing_key(Event.HEARTBEAT, self.node), settle=None)
 
-        def heard(ok: bool) -> None:
-            if ok != self.listening:
-                log.info("node %s: %s", self.node,
-                         "a ledger keeps this node's events" if ok
-                         else "no ledger listens; jobs are acked at their end")
-            self.listening = ok
-
-        self._publish(body, events.routing_key(Event.HEARTBEAT, self.node), settle=heard,
-                      watch=True)
+    def look_for_ledger(self, channel_factory: Callable[[], amqp.Channel]) -> None:
+        """Check (on a channel of its own) whether the ledger's queue exists."""
+        channel = channel_factory()
+        try:
+            channel.queue_declare(topology.ledger_queue(), passive=True)
+            found = True
+        except amqp.exceptions.NotFound:  # the broker closed that channel, not ours
+            found = False
+        else:
+            channel.close()
+        if found != self.listening:
+            log.info("node %s: %s", self.node, "a ledger keeps this node's jobs" if found
+                     else "no ledger listens; jobs are acked at their end")
+        self.listening = found
 
     def offline(self, reason: str, settle: Settle | None = None) -> None:
         """Publish that this node stops serving."""

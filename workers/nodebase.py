@@ -14,6 +14,7 @@ from typing import Any
 import kombu
 
 from dispatch import broker, events, headers
+from dispatch.chunks import DEFAULT_MAX_RESULT_BYTES
 from dispatch.job import JobRequest
 from workers.announce import Announcer
 from workers.chirp import ChirpSocket
@@ -22,6 +23,7 @@ from workers.orders import Order, Orders
 from workers.replies import Replies
 from workers.runner import RunAs, Runner, RunningJob
 from workers.slots import Slots
+from workers.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,11 @@ class NodeConfig:
     heartbeat_interval_s: float = 10.0
     #: Broker users besides the node's own whose control messages it obeys.
     admins: tuple[str, ...] = ()
+    #: Largest archive sent as one reply; larger ones go in chunks of this size.
+    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
+    #: Where large archives are built and undeliverable results kept (default
+    #: ``<workdir_root>/.spool``).
+    spool_dir: Path | None = None
 
     @property
     def lease_s(self) -> float:
@@ -93,6 +100,8 @@ class NodeBase:
         self.attrs = self.machine.attributes()
         self.slots = Slots(self.machine)
         self.runner = Runner(config.workdir_root, run_as, config.kill_grace_s)
+        self.spool = Spool(config.spool_dir or config.workdir_root / ".spool",
+                           config.max_result_bytes)
         self.running: dict[str, Active] = {}
         self.waiting: collections.deque[Active] = collections.deque()
         self.recent: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -146,6 +155,11 @@ class NodeBase:
         if self._conn is None:
             raise RuntimeError("not connected")
         return self._conn.default_channel
+
+    def _new_channel(self) -> Any:
+        if self._conn is None:
+            raise RuntimeError("not connected")
+        return self._conn.channel()
 
     def _prefetch(self) -> int:
         if self._claim_mode:

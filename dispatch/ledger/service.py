@@ -124,7 +124,12 @@ class LedgerService:
         for queue in (topology.ledger_queue(), topology.ledger_submitted_queue(),
                       topology.ledger_control_queue()):
             channel.queue_declare(queue, durable=True, auto_delete=False, arguments=args)
-        channel.queue_bind(topology.ledger_queue(), topology.events_exchange(), routing_key="#")
+        # Claims reach the ledger's queue directly; every other event by these bindings
+        # (an older ledger bound "#": undo it, or claims would arrive twice).
+        channel.queue_unbind(topology.ledger_queue(), topology.events_exchange(), routing_key="#")
+        for key in events.ledger_bindings():
+            channel.queue_bind(topology.ledger_queue(), topology.events_exchange(),
+                               routing_key=key)
 
     def _track_pools(self, channel: Any, pools: set[str]) -> None:
         """Make sure each pool has its queue and the ledger sees its submissions."""
