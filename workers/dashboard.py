@@ -96,8 +96,8 @@ class Feed:
                 return True
             if not said:
                 log.warning("flower-feed: waiting for the ledger's queue %s (run dispatch "
-                            "ledger): without it, nodes would take this feed for a ledger "
-                            "and ack jobs before they are done", topology.ledger_queue())
+                            "ledger): nodes send per-job events only while a ledger keeps "
+                            "them", topology.ledger_queue())
                 said = True
             stop.wait(LEDGER_POLL_S)
             conn.heartbeat_check()
