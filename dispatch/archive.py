@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal, NamedTuple
+from typing import IO, BinaryIO, Literal, NamedTuple
 
 from dispatch.errors import ArchiveError
 
@@ -91,6 +91,25 @@ def zip_directory(root: Path) -> bytes:
     finally:
         os.close(fd)
     return buf.getvalue()
+
+
+def zip_directory_to(root: Path, out: IO[bytes]) -> int:
+    """Zip the tree under ``root`` like :func:`zip_directory`, into the seekable file ``out``.
+
+    For archives too big to build in memory; returns the archive's size in bytes.
+    """
+    try:
+        fd = os.open(root, _DIR_FLAGS | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise ArchiveError(f"cannot zip {root}: {exc.strerror}") from exc
+    start = out.tell()
+    try:
+        with zipfile.ZipFile(out, "w") as zf:
+            _add_tree(zf, fd, "", 0)
+    finally:
+        os.close(fd)
+    out.seek(0, os.SEEK_END)
+    return out.tell() - start
 
 
 def zip_paths(paths: Sequence[Path]) -> bytes:

@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import kombu
 
 from dispatch import broker, headers, topology
 from dispatch.archive import ZIP_CONTENT_TYPE, zip_paths
+from dispatch.chunks import ChunkError, ChunkPlace, Reassembly, Summary, part_name
 from dispatch.errors import (
+    DispatchError,
     InvalidMessageError,
     JobTimeoutError,
     UnroutableError,
@@ -40,10 +45,18 @@ class Client:
     """A connection to Dispatch: ``submit`` jobs, then ``wait`` or follow ``updates``."""
 
     def __init__(self, broker_url: str, *, client_id: str | None = None,
-                 heartbeat_s: int = broker.DEFAULT_HEARTBEAT_S) -> None:
+                 heartbeat_s: int = broker.DEFAULT_HEARTBEAT_S,
+                 chunk_dir: Path | None = None) -> None:
         self.broker_url = broker_url
         self.client_id = topology.check_client_id(client_id or uuid.uuid4().hex[:16])
         self.reply_queue = topology.reply_queue(self.client_id)
+        #: Where chunks of large results are gathered (one file per job attempt); a client
+        #: started again with the same id carries on with the files it finds there.
+        self.chunk_dir = chunk_dir or (Path(tempfile.gettempdir())
+                                       / f"dispatch-chunks-{os.getuid()}" / self.client_id)
+        self._broken: dict[Path, ChunkError] = {}
+        self._refused: dict[int, ChunkError] = {}
+        self._parts: dict[int, Path] = {}
         self._heartbeat_s = heartbeat_s
         self._lock = threading.RLock()
         self._inbox: collections.deque[tuple[JobUpdate, int]] = collections.deque()
@@ -69,6 +82,8 @@ class Client:
             self._consumer.consume()
         self._conn = conn
         self._inbox.clear()  # unacked deliveries of a dead channel come back by themselves
+        self._refused.clear()
+        self._parts.clear()
 
     def _reconnect(self) -> None:
         log.warning("client %s: connection lost; reconnecting", self.client_id)
@@ -160,14 +175,77 @@ class Client:
     # -- replies ------------------------------------------------------------------------
 
     def _on_reply(self, message: Any) -> None:
+        raw = message.headers or {}
+        if headers.RESULT_CHUNK in raw:
+            self._on_chunk(message)
+            return
         try:
-            update = headers.decode_reply(message.headers or {}, message.body)
+            update = headers.decode_reply(raw, message.body)
         except InvalidMessageError as exc:
             log.warning("client %s: dropping a message that is not a reply: %s",
                         self.client_id, exc.reason)
             message.channel.basic_ack(message.delivery_tag)
             return
+        if headers.RESULT_BYTES in update.headers:
+            update = self._reassembled(update, message.delivery_tag)
         self._inbox.append((update, message.delivery_tag))
+
+    def _on_chunk(self, message: Any) -> None:
+        """Append a chunk of a large result to its file, then ack it.
+
+        Chunks are acked as they are stored (the broker's consumer_timeout would close a
+        channel holding them all); the file outlives the client, so a client started
+        again with the same id carries on. The final reply is acked as any other.
+        """
+        tag = message.delivery_tag
+        try:
+            hdrs, _ = headers.normalize(message.headers or {})
+            place = ChunkPlace.from_headers(hdrs)
+            job_id = str(hdrs[headers.JOB_ID])
+            attempt = int(hdrs.get(headers.ATTEMPT, 1))
+        except (DispatchError, KeyError, TypeError, ValueError) as exc:
+            log.warning("client %s: dropping a malformed result chunk: %s", self.client_id, exc)
+            message.channel.basic_ack(tag)
+            return
+        path = self.chunk_dir / part_name(job_id, attempt)
+        if attempt < self._attempts.get(job_id, 0):
+            log.info("job %s: dropping a result chunk of stale attempt %d", job_id, attempt)
+        elif place.index == 0 or path not in self._broken:
+            self._broken.pop(path, None)
+            try:
+                Reassembly(path).add(place, message.body)
+            except ChunkError as exc:
+                log.warning("job %s: result chunk refused: %s", job_id, exc)
+                self._broken[path] = exc
+                Reassembly(path).discard()
+            except OSError as exc:  # left unacked: it comes back after a reconnect
+                log.error("job %s: cannot store result chunk %d in %s: %s", job_id,
+                          place.index, path, exc.strerror)
+                return
+        message.channel.basic_ack(tag)
+
+    def _reassembled(self, update: JobUpdate, tag: int) -> JobUpdate:
+        """Return the final reply of a chunked result with its whole archive, once checked.
+
+        When the check fails, the reply is refused: taking it raises ChunkError.
+        """
+        path = self.chunk_dir / part_name(update.job_id, update.attempt)
+        self._parts[tag] = path
+        try:
+            broken = self._broken.pop(path, None)
+            if broken is not None:
+                raise broken
+            summary = Summary.from_headers(update.headers)
+            if summary is None:  # pragma: no cover - the caller saw the header
+                raise ChunkError("no result summary")
+            return replace(update, archive=Reassembly(path).finish(summary))
+        except ChunkError as exc:
+            problem = str(exc)
+        except OSError as exc:
+            problem = f"cannot read its chunks in {path}: {exc.strerror}"
+        log.error("job %s: result refused: %s", update.job_id, problem)
+        self._refused[tag] = ChunkError(f"job {update.job_id}: result refused: {problem}")
+        return update
 
     def next_update(self, job_ids: Iterable[str] | None = None,
                     timeout_s: float | None = None, *,
@@ -195,17 +273,28 @@ class Client:
         for i, (update, tag) in enumerate(list(self._inbox)):
             if self._stale(update):
                 del self._inbox[i]
-                if self._conn is not None:
-                    self._conn.default_channel.basic_ack(tag)
+                self._ack(tag)
                 return self._take(wanted, before_ack)
             if wanted is None or update.job_id in wanted:
-                if before_ack is not None:
+                refused = self._refused.get(tag)
+                if before_ack is not None and refused is None:
                     before_ack(update)
                 del self._inbox[i]
-                if self._conn is not None:  # else the channel died and it comes back
-                    self._conn.default_channel.basic_ack(tag)
+                self._ack(tag)
+                if refused is not None:
+                    raise refused
                 return update
         return None
+
+    def _ack(self, tag: int) -> None:
+        """Ack a reply taken; the chunks of a large result are then removed."""
+        if self._conn is None:  # the channel died and the reply comes back
+            return
+        self._conn.default_channel.basic_ack(tag)
+        self._refused.pop(tag, None)
+        path = self._parts.pop(tag, None)
+        if path is not None:
+            Reassembly(path).discard()
 
     def _stale(self, update: JobUpdate) -> bool:
         """Tell whether a reply comes from an attempt the ledger has given up on.

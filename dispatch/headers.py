@@ -69,6 +69,12 @@ JOB_DURATION = "JobDuration"
 REASON = "Reason"
 HOLD_REASON = "HoldReason"
 ATTRIBUTE = "Attribute"  # names the attribute a chirp reply sets (its value is under that name)
+# Large results (schemas/README.md, "Large results"): chunk messages carry no JobState.
+RESULT_CHUNK = "ResultChunk"  # 0-based index of a chunk message
+RESULT_CHUNKS = "ResultChunks"  # how many chunks; on every chunk and on the final reply
+RESULT_OFFSET = "ResultOffset"  # byte offset of a chunk in the archive
+RESULT_BYTES = "ResultBytes"  # size of the whole archive, on the final reply
+RESULT_SHA256 = "ResultSha256"  # hex SHA-256 of the whole archive, on the final reply
 
 MAX_HEADER_CHARS = 65536
 

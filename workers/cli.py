@@ -10,11 +10,15 @@ from pathlib import Path
 
 import click
 
+from dispatch.chunks import DEFAULT_MAX_RESULT_BYTES
 from dispatch.config import DEFAULT_BROKER_URL
 from dispatch.quantity import parse_size_mib
 from workers.node import ExecuteNode, NodeConfig
 
 log = logging.getLogger(__name__)
+
+#: RabbitMQ 3.10 refuses a message body over 128 MiB.
+MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 
 
 @click.command("worker")
@@ -43,14 +47,23 @@ log = logging.getLogger(__name__)
 @click.option("--admin", "admins", multiple=True, metavar="USER", envvar="DISPATCH_ADMINS",
               show_envvar=True, help="Broker user whose control messages this node obeys "
               "besides its own (repeatable; the variable is comma-separated).")
+@click.option("--max-result-bytes", type=click.IntRange(min=1024, max=MAX_MESSAGE_BYTES),
+              default=DEFAULT_MAX_RESULT_BYTES, show_default=True,
+              envvar="DISPATCH_MAX_RESULT_BYTES", show_envvar=True,
+              help="Largest result zip sent as one reply; larger ones go in chunks of this "
+              "size (RabbitMQ 4.x refuses messages over 16 MiB, 3.10 over 128 MiB).")
+@click.option("--spool-dir", type=click.Path(file_okay=False, path_type=Path),
+              envvar="DISPATCH_SPOOL_DIR", show_envvar=True,
+              help="Where large results are zipped and undeliverable ones kept "
+              "(default: WORKDIR_ROOT/.spool).")
 @click.option("--burst", is_flag=True, help="Exit once the queues are empty and jobs are done.")
 @click.option("--describe", is_flag=True,
               help="Print the machine attributes Requirements see (JSON) and exit.")
 def worker(broker: str, pools: tuple[str, ...], slots: int | None, memory: str | None,
            exchange: str | None, routing_key: str | None, queue: str | None,
            workdir_root: Path, user: str, groups: tuple[str, ...], name: str | None,
-           kill_grace: float, heartbeat_interval: float, admins: tuple[str, ...], burst: bool,
-           describe: bool) -> None:
+           kill_grace: float, heartbeat_interval: float, admins: tuple[str, ...],
+           max_result_bytes: int, spool_dir: Path | None, burst: bool, describe: bool) -> None:
     """Run an execute node: take jobs from the pool queues and run them."""
     if not logging.getLogger().handlers or logging.getLogger().level > logging.INFO:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
@@ -77,6 +90,8 @@ def worker(broker: str, pools: tuple[str, ...], slots: int | None, memory: str |
         burst=burst,
         heartbeat_interval_s=heartbeat_interval,
         admins=tuple(a.strip() for value in admins for a in value.split(",") if a.strip()),
+        max_result_bytes=max_result_bytes,
+        spool_dir=spool_dir,
     )
     try:
         node = ExecuteNode(config)

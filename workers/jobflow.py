@@ -135,7 +135,7 @@ class JobFlow(NodeBase):
         request = active.request
         order = active.order
         held = order is not None and order.op is ControlOp.HOLD
-        archive = b"" if held else self.runner.archive(job)
+        archive = b"" if held else self.spool.pack(job)
         if held:
             job.close()
         del self.running[request.job_id]
@@ -155,9 +155,10 @@ class JobFlow(NodeBase):
         else:
             self._event(Event.HELD if held else Event.REMOVED, active, reason=reason,
                         by=order.by if order else None, **result)
-        self._reply(active.env, state, archive, settle=lambda ok: self._settled(active, ok),
-                    reason=None if held else reason, hold_reason=reason if held else None,
-                    **result)
+        self._replies.send_result(active.env, state, archive,
+                                  settle=lambda ok: self._settled(active, ok),
+                                  reason=None if held else reason,
+                                  hold_reason=reason if held else None, **result)
         self.runner.cleanup(job)
         if request.spec.resources.cpus > 1 and not self._claim_mode:
             self._update_prefetch()

@@ -1,4 +1,10 @@
-"""Replies and dead letters, published with asynchronous publisher confirms."""
+"""Replies and dead letters, published with asynchronous publisher confirms.
+
+A final result goes out as one reply while its archive is at most ``max_result_bytes``;
+a larger one as ordered chunk messages and then the one final reply (see
+:mod:`dispatch.chunks`), paced by the broker's confirms. A result whose reply comes back
+unroutable is kept on the node's spool (:mod:`workers.spool`), never lost.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +16,16 @@ import amqp
 
 from dispatch import broker, headers, topology
 from dispatch.archive import ZIP_CONTENT_TYPE
+from dispatch.chunks import CHUNK_CONTENT_TYPE
+from dispatch.errors import DispatchError
 from dispatch.job import JobState
+from workers.spool import Packed
 
 log = logging.getLogger(__name__)
 
 Settle = Callable[[bool], None]
+#: Chunks of one result awaiting their confirm at once.
+CHUNK_WINDOW = 2
 
 
 class Replies:
@@ -23,6 +34,8 @@ class Replies:
     def __init__(self, channel: amqp.Channel, host: str) -> None:
         self.host = host
         self.confirms = broker.Confirms(channel, on_return=self._returned)
+        #: Final results awaiting their confirms, by (job id, attempt).
+        self.results: dict[tuple[str, int], _Delivery] = {}
 
     def send(self, env: headers.Envelope, state: JobState, body: bytes, *,
              settle: Settle | None = None, **fields: Any) -> None:
@@ -32,9 +45,36 @@ class Replies:
         props: dict[str, Any] = {"correlation_id": env.correlation_id, "message_id": env.job_id}
         if body:
             props["content_type"] = ZIP_CONTENT_TYPE
-        msg = broker.message(body, headers.reply_headers(state, env, **fields), **props)
+        self.publish(env, body, headers.reply_headers(state, env, **fields), props, settle)
+
+    def publish(self, env: headers.Envelope, body: bytes, hdrs: dict[str, Any],
+                props: dict[str, Any], settle: Settle | None) -> None:
+        """Publish a message with ``hdrs`` and ``props`` to the job's ``reply_to``."""
+        if env.reply_to is None:
+            raise ValueError(f"job {env.job_id}: no reply address")
+        msg = broker.message(body, hdrs, **props)
         self.confirms.publish(msg, env.reply_to.exchange, env.reply_to.routing_key,
                               on_settled=settle)
+
+    def send_result(self, env: headers.Envelope, state: JobState, archive: bytes | Packed, *,
+                    settle: Settle, **fields: Any) -> None:
+        """Publish a job's final reply with its archive; ``settle(ok)`` once it is safe.
+
+        Safe means confirmed by the broker, every chunk included, or kept on the spool
+        when the reply came back unroutable. Without ``reply_to`` the archive is dropped.
+        """
+        if env.reply_to is None:
+            if isinstance(archive, Packed):
+                archive.close()
+            settle(True)
+            return
+        if not isinstance(archive, Packed):
+            self.send(env, state, archive, settle=settle, **fields)
+            return
+        kind = _Chunked if archive.is_large else _Whole
+        delivery = kind(self, env, state=state, archive=archive, settle=settle, fields=fields)
+        self.results[(env.job_id, env.attempt)] = delivery
+        delivery.start()
 
     def dead_letter(self, message: Any, reason: str, *, settle: Settle) -> None:
         """Publish a copy of a rejected job message, with the reason, to the dead-letter exchange.
@@ -58,5 +98,148 @@ class Replies:
         self.confirms.publish(msg, topology.dead_letter_exchange(), "", on_settled=settle)
 
     def _returned(self, msg: amqp.Message, detail: str) -> None:
-        job_id = (msg.properties.get("application_headers") or {}).get(headers.JOB_ID)
+        raw = msg.properties.get("application_headers") or {}
+        try:
+            hdrs, _ = headers.normalize(raw)
+        except DispatchError:
+            hdrs = {}
+        job_id = hdrs.get(headers.JOB_ID)
+        delivery = self.results.get((str(job_id), _attempt(hdrs.get(headers.ATTEMPT))))
+        if delivery is not None and hdrs.get(headers.JOB_STATE) != JobState.RUNNING.value:
+            delivery.returned(msg, detail)  # the confirm that follows settles it
+            return
         log.warning("job %s: reply could not be delivered: %s", job_id, detail)
+
+
+def _attempt(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 1
+
+
+class _Delivery:
+    """One final result on its way: published, then settled once safe."""
+
+    def __init__(self, replies: Replies, env: headers.Envelope, *, state: JobState,
+                 archive: Packed, settle: Settle, fields: dict[str, Any]) -> None:
+        self.replies = replies
+        self.env = env
+        self.state = state
+        self.archive = archive
+        self.settle = settle
+        self.fields = fields
+        self.bounced: str | None = None
+
+    def start(self) -> None:
+        """Publish what the result needs."""
+        raise NotImplementedError
+
+    def returned(self, msg: amqp.Message, detail: str) -> None:
+        """Note that a message of this result came back unroutable."""
+        self.bounced = self.bounced or detail
+
+    def final_headers(self) -> dict[str, Any]:
+        """Return the headers of the final reply."""
+        return headers.reply_headers(self.state, self.env, **self.fields)
+
+    def props(self, content_type: str | None) -> dict[str, Any]:
+        """Return the properties of one of this result's messages."""
+        props: dict[str, Any] = {"correlation_id": self.env.correlation_id,
+                                 "message_id": self.env.job_id}
+        if content_type:
+            props["content_type"] = content_type
+        return props
+
+    def finish(self, ok: bool) -> None:
+        """Settle the job: safe if confirmed, or bounced and kept on the spool."""
+        self.replies.results.pop((self.env.job_id, self.env.attempt), None)
+        try:
+            if self.bounced is not None:
+                ok = self._keep(self.final_headers())
+            self.settle(ok)
+        finally:
+            self.archive.close()
+
+    def _keep(self, final_headers: dict[str, Any]) -> bool:
+        job_id = self.env.job_id
+        reply_to = self.env.reply_to
+        meta = {"job_id": job_id, "attempt": self.env.attempt, "returned": self.bounced,
+                "reply_to": {"exchange": reply_to.exchange if reply_to else "",
+                             "routing_key": reply_to.routing_key if reply_to else ""},
+                "properties": {**self.props(ZIP_CONTENT_TYPE), "delivery_mode": 2},
+                "headers": final_headers, "result_bytes": self.archive.size}
+        try:
+            path = self.archive.keep(job_id, meta)
+        except OSError as exc:
+            log.error("job %s: reply undeliverable (%s) and the spool failed: %s; requeueing",
+                      job_id, self.bounced, exc)
+            return False
+        log.warning("job %s: reply undeliverable (%s); result kept in %s (headers in %s)",
+                    job_id, self.bounced, path, path.with_suffix(".json").name)
+        return True
+
+
+class _Whole(_Delivery):
+    """A result within ``max_result_bytes``: one reply, exactly as it always was."""
+
+    def start(self) -> None:
+        """Publish the final reply with the archive as its body."""
+        body = self.archive.body()
+        self.replies.publish(self.env, body, self.final_headers(),
+                             self.props(ZIP_CONTENT_TYPE if body else None), self.finish)
+
+
+class _Chunked(_Delivery):
+    """A result over ``max_result_bytes``: chunks (a few awaiting confirms), then the reply."""
+
+    def __init__(self, replies: Replies, env: headers.Envelope, **kwargs: Any) -> None:
+        super().__init__(replies, env, **kwargs)
+        self.splitter = self.archive.splitter()
+        self.in_flight = 0
+        self.nacked = False
+        self.ended = False
+        self.filling = False
+
+    def start(self) -> None:
+        """Publish the first chunks; each confirm publishes the next."""
+        log.info("job %s: result of %d bytes goes in %d chunks", self.env.job_id,
+                 self.archive.size, self.splitter.count)
+        self._fill()
+
+    def _fill(self) -> None:
+        # py-amqp may read confirms while it publishes (to notice connection.blocked), so
+        # a confirm can call this again mid-publish: only the outer call publishes, which
+        # keeps the chunks in order.
+        if self.filling:
+            return
+        self.filling = True
+        try:
+            while self.in_flight < CHUNK_WINDOW and self.bounced is None and not self.nacked:
+                item = self.splitter.next()
+                if item is None:
+                    break
+                place, data = item
+                hdrs = place.to_headers(self.env.job_id, self.env.attempt,
+                                        quoted=self.env.classad_quoted)
+                self.in_flight += 1
+                self.replies.publish(self.env, data, hdrs, self.props(CHUNK_CONTENT_TYPE),
+                                     self._chunk_settled)
+        finally:
+            self.filling = False
+        if self.in_flight == 0 and not self.ended:
+            self.ended = True
+            self._after_chunks()
+
+    def _chunk_settled(self, ok: bool) -> None:
+        self.in_flight -= 1
+        self.nacked = self.nacked or not ok
+        self._fill()
+
+    def _after_chunks(self) -> None:
+        if self.bounced is not None or self.nacked:
+            self.finish(False)
+            return
+        hdrs = {**self.final_headers(), **self.splitter.summary().to_headers()}
+        self.replies.publish(self.env, b"", hdrs, self.props(None), self.finish)
+
+    def final_headers(self) -> dict[str, Any]:
+        """Return the final reply's headers, with the archive's size."""
+        return {**super().final_headers(), headers.RESULT_BYTES: self.archive.size}
