@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import stat
 import time
 import uuid
@@ -18,16 +19,20 @@ import amqp
 import kombu
 import pytest
 
-from dispatch import headers
+from dispatch import headers, schema
 from dispatch.chunks import (
+    CHUNK_CONTENT_TYPE,
+    DEFAULT_MAX_RESULT_BYTES,
     ChunkError,
     ChunkPlace,
     Reassembly,
     Splitter,
     Summary,
+    chunk_count,
     part_name,
 )
 from dispatch.client import Client
+from dispatch.errors import InvalidMessageError
 from dispatch.job import JobSpec, JobState
 
 from amqp_helpers import publish_job, reply_queue
@@ -121,6 +126,71 @@ def test_malformed_chunk_headers_are_refused_naming_the_header(hdrs: dict[str, A
 def test_a_job_id_that_is_no_file_name_gets_a_safe_part_name() -> None:
     assert part_name("job-1", 2) == "job-1.2.part"
     assert "/" not in part_name("../../etc/passwd", 1)
+
+
+# -- the protocol's documentation -------------------------------------------------------
+
+README = Path(__file__).resolve().parent.parent / "schemas" / "README.md"
+_JSONC = re.compile(r"^```jsonc\n(?P<body>.*?)^```[ \t]*$", re.M | re.S)
+
+
+def _readme_chunk_examples() -> list[dict[str, Any]]:
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("\n## Large results\n"):text.index("\n## Undeliverable results\n")]
+    found = [json.loads(block["body"]) for block in _JSONC.finditer(section)]
+    assert all(example.pop("schema") == schema.JOB_REPLY for example in found)
+    return [example.pop("message") for example in found]
+
+
+def test_the_readme_shows_chunks_and_a_final_reply_exactly_as_a_node_sends_them() -> None:
+    *chunk_msgs, final = _readme_chunk_examples()
+    assert len(chunk_msgs) == 2
+    for message in [*chunk_msgs, final]:
+        schema.validate(schema.JOB_REPLY, message, InvalidMessageError)
+    env = headers.envelope(final["properties"], final["headers"])
+    update = headers.decode_reply(final["headers"], b"")
+    summary = Summary.from_headers(update.headers)
+    assert summary is not None
+    assert summary.chunks == chunk_count(summary.size_bytes, DEFAULT_MAX_RESULT_BYTES)
+    fields = {"host": update.host, "exit_code": update.exit_code,
+              "exit_by_signal": update.exit_by_signal, "duration_s": update.duration_s}
+    assert final["headers"] == {**headers.reply_headers(JobState.EXITED, env, **fields),
+                                **summary.to_headers()}
+    for message in chunk_msgs:
+        place = ChunkPlace.from_headers(message["headers"])
+        assert message["headers"] == place.to_headers(env.job_id, env.attempt)
+        assert (place.count, place.offset) == (summary.chunks,
+                                              place.index * DEFAULT_MAX_RESULT_BYTES)
+        assert message["properties"] == {**final["properties"], "content_encoding": "binary",
+                                          "content_type": CHUNK_CONTENT_TYPE}
+    assert ChunkPlace.from_headers(chunk_msgs[-1]["headers"]).index == summary.chunks - 1
+
+
+@pytest.mark.parametrize(("extra", "field"), [
+    ({"JobState": "Exited"}, None),  # a chunk is no status update
+    ({"ResultBytes": 5}, None),
+    ({"ResultChunk": None}, "ResultChunk"),
+])
+def test_the_reply_schema_keeps_chunks_and_replies_apart(extra: dict[str, Any],
+                                                         field: str | None) -> None:
+    chunk = {"JobId": "j1", "Attempt": 1, "ResultChunk": 0, "ResultChunks": 2,
+             "ResultOffset": 0}
+    schema.validate(schema.JOB_REPLY, {"headers": chunk}, InvalidMessageError)
+    chunk.update(extra)
+    with pytest.raises(InvalidMessageError) as caught:
+        schema.validate(schema.JOB_REPLY, {"headers": chunk}, InvalidMessageError)
+    assert caught.value.field == field
+
+
+def test_the_reply_schema_wants_the_whole_summary_on_a_chunked_final_reply() -> None:
+    final = {"JobId": "j1", "JobStatus": 4, "JobState": "Exited", "RemoteHost": "n1",
+             "ExitCode": 0, "ExitBySignal": False, "JobDuration": 1.0, "ResultBytes": 5,
+             "ResultChunks": 1}
+    schema.validate(schema.JOB_REPLY, {"headers": {**final, "ResultSha256": "0" * 64}},
+                    InvalidMessageError)
+    with pytest.raises(InvalidMessageError) as caught:
+        schema.validate(schema.JOB_REPLY, {"headers": final}, InvalidMessageError)
+    assert caught.value.field == "ResultSha256"
 
 
 # -- the real thing: worker subprocess, broker, client -------------------------------------
