@@ -15,15 +15,16 @@ import hashlib
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
 from dispatch import headers
-from dispatch.errors import ArchiveError
+from dispatch.errors import ArchiveError, InvalidMessageError
+from dispatch.job import JobUpdate
 
-__all__ = ["DEFAULT_MAX_RESULT_BYTES", "ChunkError", "ChunkPlace", "Reassembly", "Splitter",
-           "Summary", "part_name"]
+__all__ = ["DEFAULT_MAX_RESULT_BYTES", "ChunkError", "ChunkPlace", "Gatherer", "Reassembly",
+           "Splitter", "Summary", "part_name"]
 
 #: Largest archive sent as one reply; larger ones go in chunks of this size. RabbitMQ 4.x
 #: refuses messages over 16 MiB by default (3.10: 128 MiB).
@@ -210,3 +211,70 @@ class Reassembly:
     def discard(self) -> None:
         """Remove the file (the result was handed out, or refused)."""
         self.path.unlink(missing_ok=True)
+
+
+class Gatherer:
+    """The receiving end: each chunked result gathered in its own file under ``root``.
+
+    Files are named by job id and attempt, so a receiver started again over the same
+    ``root`` (the same reply queue) carries on with them. A result found broken (a chunk
+    missing) is remembered until its final reply comes, which is then refused.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._broken: dict[Path, ChunkError] = {}
+
+    def path(self, job_id: str, attempt: int) -> Path:
+        """Return the file a job attempt's chunks are gathered in."""
+        return self.root / part_name(job_id, attempt)
+
+    def add(self, raw_headers: Mapping[str, Any], body: bytes,
+            current_attempt: Mapping[str, int]) -> str:
+        """Store one chunk message; return its job id.
+
+        Chunks of attempts older than ``current_attempt[job_id]`` are ignored. Raises
+        ChunkError when the chunk's headers are malformed (drop it) and OSError when it
+        cannot be stored (keep it queued).
+        """
+        try:
+            hdrs, _ = headers.normalize(raw_headers)
+            place = ChunkPlace.from_headers(hdrs)
+            job_id, attempt = str(hdrs[headers.JOB_ID]), int(hdrs.get(headers.ATTEMPT, 1))
+        except (ChunkError, InvalidMessageError, KeyError, TypeError, ValueError) as exc:
+            raise ChunkError(f"a malformed result chunk: {exc}") from None
+        path = self.path(job_id, attempt)
+        if attempt < current_attempt.get(job_id, 0):
+            return job_id
+        if place.index == 0 or path not in self._broken:
+            self._broken.pop(path, None)
+            try:
+                Reassembly(path).add(place, body)
+            except ChunkError as exc:
+                self._broken[path] = exc
+                Reassembly(path).discard()
+        return job_id
+
+    def finish(self, update: JobUpdate) -> JobUpdate:
+        """Return the final reply of a chunked result with its whole archive, once checked.
+
+        Raises ChunkError naming the job and what is wrong.
+        """
+        path = self.path(update.job_id, update.attempt)
+        try:
+            broken = self._broken.pop(path, None)
+            if broken is not None:
+                raise broken
+            summary = Summary.from_headers(update.headers)
+            if summary is None:
+                raise ChunkError(f"{headers.RESULT_BYTES} is missing")
+            return replace(update, archive=Reassembly(path).finish(summary))
+        except ChunkError as exc:
+            problem = str(exc)
+        except OSError as exc:
+            problem = f"cannot read its chunks in {path}: {exc.strerror}"
+        raise ChunkError(f"job {update.job_id}: result refused: {problem}")
+
+    def discard(self, job_id: str, attempt: int) -> None:
+        """Remove a job attempt's file once its result was handed out or refused."""
+        Reassembly(self.path(job_id, attempt)).discard()

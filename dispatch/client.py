@@ -24,9 +24,8 @@ import kombu
 
 from dispatch import broker, headers, topology
 from dispatch.archive import ZIP_CONTENT_TYPE, zip_paths
-from dispatch.chunks import ChunkError, ChunkPlace, Reassembly, Summary, part_name
+from dispatch.chunks import ChunkError, Gatherer
 from dispatch.errors import (
-    DispatchError,
     InvalidMessageError,
     JobTimeoutError,
     UnroutableError,
@@ -52,11 +51,10 @@ class Client:
         self.reply_queue = topology.reply_queue(self.client_id)
         #: Where chunks of large results are gathered (one file per job attempt); a client
         #: started again with the same id carries on with the files it finds there.
-        self.chunk_dir = chunk_dir or (Path(tempfile.gettempdir())
-                                       / f"dispatch-chunks-{os.getuid()}" / self.client_id)
-        self._broken: dict[Path, ChunkError] = {}
+        self.chunks = Gatherer(chunk_dir or Path(tempfile.gettempdir())
+                               / f"dispatch-chunks-{os.getuid()}" / self.client_id)
         self._refused: dict[int, ChunkError] = {}
-        self._parts: dict[int, Path] = {}
+        self._parts: dict[int, tuple[str, int]] = {}
         self._heartbeat_s = heartbeat_s
         self._lock = threading.RLock()
         self._inbox: collections.deque[tuple[JobUpdate, int]] = collections.deque()
@@ -187,65 +185,29 @@ class Client:
             message.channel.basic_ack(message.delivery_tag)
             return
         if headers.RESULT_BYTES in update.headers:
-            update = self._reassembled(update, message.delivery_tag)
+            self._parts[message.delivery_tag] = (update.job_id, update.attempt)
+            try:
+                update = self.chunks.finish(update)
+            except ChunkError as exc:  # taking this reply raises it
+                log.error("%s", exc)
+                self._refused[message.delivery_tag] = exc
         self._inbox.append((update, message.delivery_tag))
 
     def _on_chunk(self, message: Any) -> None:
-        """Append a chunk of a large result to its file, then ack it.
+        """Store a chunk of a large result, then ack it (see ``dispatch.chunks``).
 
-        Chunks are acked as they are stored (the broker's consumer_timeout would close a
-        channel holding them all); the file outlives the client, so a client started
-        again with the same id carries on. The final reply is acked as any other.
+        Chunks are acked once stored, for the broker's consumer_timeout would close a
+        channel holding them all; the final reply is acked when handed out, as any reply.
         """
-        tag = message.delivery_tag
         try:
-            hdrs, _ = headers.normalize(message.headers or {})
-            place = ChunkPlace.from_headers(hdrs)
-            job_id = str(hdrs[headers.JOB_ID])
-            attempt = int(hdrs.get(headers.ATTEMPT, 1))
-        except (DispatchError, KeyError, TypeError, ValueError) as exc:
-            log.warning("client %s: dropping a malformed result chunk: %s", self.client_id, exc)
-            message.channel.basic_ack(tag)
-            return
-        path = self.chunk_dir / part_name(job_id, attempt)
-        if attempt < self._attempts.get(job_id, 0):
-            log.info("job %s: dropping a result chunk of stale attempt %d", job_id, attempt)
-        elif place.index == 0 or path not in self._broken:
-            self._broken.pop(path, None)
-            try:
-                Reassembly(path).add(place, message.body)
-            except ChunkError as exc:
-                log.warning("job %s: result chunk refused: %s", job_id, exc)
-                self._broken[path] = exc
-                Reassembly(path).discard()
-            except OSError as exc:  # left unacked: it comes back after a reconnect
-                log.error("job %s: cannot store result chunk %d in %s: %s", job_id,
-                          place.index, path, exc.strerror)
-                return
-        message.channel.basic_ack(tag)
-
-    def _reassembled(self, update: JobUpdate, tag: int) -> JobUpdate:
-        """Return the final reply of a chunked result with its whole archive, once checked.
-
-        When the check fails, the reply is refused: taking it raises ChunkError.
-        """
-        path = self.chunk_dir / part_name(update.job_id, update.attempt)
-        self._parts[tag] = path
-        try:
-            broken = self._broken.pop(path, None)
-            if broken is not None:
-                raise broken
-            summary = Summary.from_headers(update.headers)
-            if summary is None:  # pragma: no cover - the caller saw the header
-                raise ChunkError("no result summary")
-            return replace(update, archive=Reassembly(path).finish(summary))
+            self.chunks.add(message.headers or {}, message.body, self._attempts)
         except ChunkError as exc:
-            problem = str(exc)
-        except OSError as exc:
-            problem = f"cannot read its chunks in {path}: {exc.strerror}"
-        log.error("job %s: result refused: %s", update.job_id, problem)
-        self._refused[tag] = ChunkError(f"job {update.job_id}: result refused: {problem}")
-        return update
+            log.warning("client %s: dropping %s", self.client_id, exc)
+        except OSError as exc:  # left unacked: it comes back after a reconnect
+            log.error("client %s: cannot store a result chunk in %s: %s", self.client_id,
+                      self.chunks.root, exc.strerror)
+            return
+        message.channel.basic_ack(message.delivery_tag)
 
     def next_update(self, job_ids: Iterable[str] | None = None,
                     timeout_s: float | None = None, *,
@@ -292,9 +254,9 @@ class Client:
             return
         self._conn.default_channel.basic_ack(tag)
         self._refused.pop(tag, None)
-        path = self._parts.pop(tag, None)
-        if path is not None:
-            Reassembly(path).discard()
+        part = self._parts.pop(tag, None)
+        if part is not None:
+            self.chunks.discard(*part)
 
     def _stale(self, update: JobUpdate) -> bool:
         """Tell whether a reply comes from an attempt the ledger has given up on.

@@ -25,6 +25,7 @@ from dispatch.chunks import (
     DEFAULT_MAX_RESULT_BYTES,
     ChunkError,
     ChunkPlace,
+    Gatherer,
     Reassembly,
     Splitter,
     Summary,
@@ -33,7 +34,7 @@ from dispatch.chunks import (
 )
 from dispatch.client import Client
 from dispatch.errors import InvalidMessageError
-from dispatch.job import JobSpec, JobState
+from dispatch.job import JobSpec, JobState, JobUpdate
 
 from amqp_helpers import publish_job, reply_queue
 from conftest import Workers
@@ -121,6 +122,24 @@ def test_malformed_chunk_headers_are_refused_naming_the_header(hdrs: dict[str, A
                                                                field: str) -> None:
     with pytest.raises(ChunkError, match=field):
         ChunkPlace.from_headers(hdrs)
+
+
+def test_a_gatherer_started_again_carries_on_and_ignores_stale_attempts(tmp_path: Path) -> None:
+    data = os.urandom(3000)
+    chunks, summary = _split(data, 1000)
+    first = Gatherer(tmp_path)
+    for place, piece in chunks[:2]:
+        first.add(place.to_headers("j1", 2), piece, {})
+    first.add(chunks[2][0].to_headers("j1", 1), b"stale", {"j1": 2})
+    again = Gatherer(tmp_path)  # a new client process over the same files
+    again.add(chunks[2][0].to_headers("j1", 2), chunks[2][1], {})
+    final = JobUpdate("j1", JobState.EXITED, attempt=2, headers=summary.to_headers())
+    assert again.finish(final).archive == data
+    assert not again.path("j1", 1).exists()
+    again.discard("j1", 2)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ChunkError, match="malformed result chunk: ResultOffset"):
+        again.add({"JobId": "j1", "ResultChunk": 0, "ResultChunks": 1}, b"", {})
 
 
 def test_a_job_id_that_is_no_file_name_gets_a_safe_part_name() -> None:
@@ -287,24 +306,29 @@ def test_a_small_result_is_still_one_plain_reply(workers, pool: str, amqp) -> No
 
 
 def _publish_crafted(conn: kombu.Connection, queue: str, job_id: str, data: bytes, *,
-                     drop: int | None = None, tamper: int | None = None) -> None:
-    """Publish a chunked result for ``job_id`` as a node would, less a chunk or altered."""
+                     drop: int | None = None, tamper: int | None = None,
+                     only: int | None = None, final: bool = True) -> None:
+    """Publish a chunked result for ``job_id`` as a node would, less a chunk or altered.
+
+    ``only``: publish that chunk and the final reply; ``final=False``: no final reply.
+    """
     chunks, summary = _split(data, 1000)
     channel = conn.channel()
     try:
         for place, piece in chunks:
-            if place.index == drop:
+            if place.index == drop or only not in (None, place.index):
                 continue
             body = piece[::-1] if place.index == tamper else piece
             channel.basic_publish(amqp.Message(body, application_headers=place.to_headers(
                 job_id, 1), delivery_mode=2, content_type="application/octet-stream",
                 content_encoding="binary"), exchange="", routing_key=queue)
-        final = {headers.JOB_ID: job_id, headers.JOB_STATUS: 4, headers.JOB_STATE: "Exited",
-                 headers.ATTEMPT: 1, headers.REMOTE_HOST: "crafted", headers.EXIT_CODE: 0,
-                 headers.EXIT_BY_SIGNAL: False, headers.JOB_DURATION: 0.5,
-                 **summary.to_headers()}
-        channel.basic_publish(amqp.Message(b"", application_headers=final, delivery_mode=2),
-                              exchange="", routing_key=queue)
+        if final:
+            reply = {headers.JOB_ID: job_id, headers.JOB_STATUS: 4, headers.JOB_STATE: "Exited",
+                     headers.ATTEMPT: 1, headers.REMOTE_HOST: "crafted", headers.EXIT_CODE: 0,
+                     headers.EXIT_BY_SIGNAL: False, headers.JOB_DURATION: 0.5,
+                     **summary.to_headers()}
+            channel.basic_publish(amqp.Message(b"", application_headers=reply, delivery_mode=2),
+                                  exchange="", routing_key=queue)
     finally:
         channel.close()
 
@@ -333,6 +357,25 @@ def test_a_client_refuses_a_result_with_a_tampered_or_missing_chunk(
     _, count, _ = amqp.default_channel.queue_declare(client.reply_queue, passive=True)
     assert count == 0
     assert list((tmp_path / "chunks").iterdir()) == []
+
+
+def test_a_client_started_again_with_the_same_id_carries_on_with_the_chunks_it_stored(
+        broker_url: str, amqp, tmp_path: Path) -> None:
+    data = os.urandom(3000)
+    job_id = f"resumed-{uuid.uuid4().hex[:8]}"
+    client_id = f"resume-{uuid.uuid4().hex[:8]}"
+    chunk_dir = tmp_path / "chunks"
+    with Client(broker_url, client_id=client_id, chunk_dir=chunk_dir) as first:
+        _publish_crafted(amqp, first.reply_queue, job_id, data, drop=2, final=False)
+        part = first.chunks.path(job_id, 1)
+        deadline = time.monotonic() + 20
+        while not (part.exists() and part.stat().st_size == 2000):
+            assert time.monotonic() < deadline, "the first client never stored two chunks"
+            assert first.next_update(timeout_s=0.1) is None
+    _publish_crafted(amqp, first.reply_queue, job_id, data, only=2)
+    with Client(broker_url, client_id=client_id, chunk_dir=chunk_dir) as again:
+        assert again.attach(job_id).wait(timeout_s=20).archive == data
+    assert list(chunk_dir.iterdir()) == []
 
 
 # -- undeliverable results -----------------------------------------------------------------
