@@ -11,9 +11,11 @@ No broker here: files and header dictionaries only.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -177,8 +179,8 @@ class Reassembly:
             raise ChunkError(f"chunk {place.index} of {place.count} starts at byte "
                              f"{place.offset} but only {have} bytes came before it: "
                              "a chunk before it is missing")
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if have == 0 else 0)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        flags |= os.O_TRUNC if have == 0 else 0
         fd = os.open(self.path, flags, 0o600)
         try:
             os.lseek(fd, have, os.SEEK_SET)
@@ -218,12 +220,14 @@ class Gatherer:
 
     Files are named by job id and attempt, so a receiver started again over the same
     ``root`` (the same reply queue) carries on with them. A result found broken (a chunk
-    missing) is remembered until its final reply comes, which is then refused.
+    missing) is remembered until its final reply comes, which is then refused. ``root``
+    must be a private directory of this user (mode 0700, made if missing).
     """
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self._broken: dict[Path, ChunkError] = {}
+        self._root_checked = False
 
     def path(self, job_id: str, attempt: int) -> Path:
         """Return the file a job attempt's chunks are gathered in."""
@@ -246,6 +250,7 @@ class Gatherer:
         path = self.path(job_id, attempt)
         if attempt < current_attempt.get(job_id, 0):
             return job_id
+        self._check_root()
         if place.index == 0 or path not in self._broken:
             self._broken.pop(path, None)
             try:
@@ -274,6 +279,17 @@ class Gatherer:
         except OSError as exc:
             problem = f"cannot read its chunks in {path}: {exc.strerror}"
         raise ChunkError(f"job {update.job_id}: result refused: {problem}")
+
+    def _check_root(self) -> None:
+        """Make ``root`` if missing; refuse one that is a link or open to other users."""
+        if self._root_checked:
+            return
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(self.root)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise PermissionError(errno.EPERM, "not a private directory of this user (0700)",
+                                  str(self.root))
+        self._root_checked = True
 
     def discard(self, job_id: str, attempt: int) -> None:
         """Remove a job attempt's file once its result was handed out or refused."""

@@ -52,7 +52,7 @@ class Client:
         #: Where chunks of large results are gathered (one file per job attempt); a client
         #: started again with the same id carries on with the files it finds there.
         self.chunks = Gatherer(chunk_dir or Path(tempfile.gettempdir())
-                               / f"dispatch-chunks-{os.getuid()}" / self.client_id)
+                               / f"dispatch-chunks-{os.getuid()}-{self.client_id}")
         self._refused: dict[int, ChunkError] = {}
         self._parts: dict[int, tuple[str, int]] = {}
         self._heartbeat_s = heartbeat_s
@@ -204,8 +204,7 @@ class Client:
         except ChunkError as exc:
             log.warning("client %s: dropping %s", self.client_id, exc)
         except OSError as exc:  # left unacked: it comes back after a reconnect
-            log.error("client %s: cannot store a result chunk in %s: %s", self.client_id,
-                      self.chunks.root, exc.strerror)
+            log.error("client %s: cannot store a result chunk: %s", self.client_id, exc)
             return
         message.channel.basic_ack(message.delivery_tag)
 

@@ -142,6 +142,17 @@ def test_a_gatherer_started_again_carries_on_and_ignores_stale_attempts(tmp_path
         again.add({"JobId": "j1", "ResultChunk": 0, "ResultChunks": 1}, b"", {})
 
 
+def test_a_chunk_directory_open_to_other_users_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "open").mkdir(mode=0o777)
+    (tmp_path / "open").chmod(0o777)
+    (tmp_path / "link").symlink_to(tmp_path / "open")
+    place, piece = _split(b"abc", 10)[0][0]
+    for name in ("open", "link"):
+        with pytest.raises(PermissionError, match="not a private directory"):
+            Gatherer(tmp_path / name).add(place.to_headers("j1", 1), piece, {})
+    assert list((tmp_path / "open").iterdir()) == []
+
+
 def test_a_job_id_that_is_no_file_name_gets_a_safe_part_name() -> None:
     assert part_name("job-1", 2) == "job-1.2.part"
     assert "/" not in part_name("../../etc/passwd", 1)
