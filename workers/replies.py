@@ -150,7 +150,9 @@ class _Delivery:
 
     def finish(self, ok: bool) -> None:
         """Settle the job: safe if confirmed, or bounced and kept on the spool."""
-        self.replies.results.pop((self.env.job_id, self.env.attempt), None)
+        key = (self.env.job_id, self.env.attempt)
+        if self.replies.results.get(key) is self:
+            del self.replies.results[key]
         try:
             if self.bounced is not None:
                 ok = self._keep(self.final_headers())
