@@ -22,6 +22,10 @@ VARIABLES = {
     "DISPATCH_DATA_DIR": "where the default SQLite ledger lives (default ~/.local/share/dispatch)",
     "DISPATCH_ADMINS": "comma-separated broker users who may rm/hold/release any job",
     "DISPATCH_SMTP_URL": "SMTP server for job notices, smtp://[user:pass@]host:port",
+    "DISPATCH_MAX_RESULT_BYTES": "largest result a worker sends as one reply; more goes in "
+    "checked chunks (default 16 MiB)",
+    "DISPATCH_SPOOL_DIR": "where a worker keeps results it could not deliver "
+    "(default <workdir root>/.spool)",
 }
 
 
