@@ -80,16 +80,8 @@ def zip_directory(root: Path) -> bytes:
     Only directories and regular files go in; symlinks, FIFOs, sockets, devices and files that
     vanish or cannot be read are skipped (logged at debug level).
     """
-    try:
-        fd = os.open(root, _DIR_FLAGS | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise ArchiveError(f"cannot zip {root}: {exc.strerror}") from exc
     buf = io.BytesIO()
-    try:
-        with zipfile.ZipFile(buf, "w") as zf:
-            _add_tree(zf, fd, "", 0)
-    finally:
-        os.close(fd)
+    zip_directory_to(root, buf)
     return buf.getvalue()
 
 

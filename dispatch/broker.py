@@ -121,6 +121,25 @@ def declare_reply_queue(channel: amqp.Channel, client_id: str) -> str:
     return queue
 
 
+def queue_exists(conn: kombu.Connection, queue: str) -> bool:
+    """Tell whether ``queue`` exists, asking on a channel of its own.
+
+    A passive declare of a missing queue makes the broker close the channel it was
+    asked on; here that is a throwaway channel, never the caller's.
+    """
+    channel = conn.channel()
+    try:
+        channel.queue_declare(queue, passive=True)
+        return True
+    except amqp.exceptions.NotFound:
+        return False
+    finally:
+        try:
+            channel.close()
+        except CONNECTION_ERRORS:
+            log.debug("closing a channel the broker closed", exc_info=True)
+
+
 def message(body: bytes, headers: dict[str, Any], **properties: Any) -> amqp.Message:
     """Build a persistent AMQP message."""
     properties.setdefault("delivery_mode", PERSISTENT)

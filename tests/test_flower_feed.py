@@ -25,7 +25,7 @@ from cloud_fixtures import Processes, wait_until
 from fixtures_ledger import LedgerProcess, user_url
 from sshd import free_port
 
-from dispatch import topology
+from dispatch import broker, topology
 from dispatch.client import Client
 from dispatch.job import JobSpec, JobState
 
@@ -107,12 +107,7 @@ def wait_consumed(url: str, queue: str, stack: Stack) -> None:
 
 def queue_exists(url: str, queue: str) -> bool:
     with kombu.Connection(url, heartbeat=0) as conn:
-        channel = conn.channel()
-        try:
-            channel.queue_declare(queue, passive=True)
-            return True
-        except amqp.exceptions.NotFound:
-            return False
+        return broker.queue_exists(conn, queue)
 
 
 def publish_garbage(url: str, pool: str) -> None:

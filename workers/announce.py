@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import amqp
-import amqp.exceptions
+import kombu
 
 from dispatch import broker, events, topology
 from dispatch.events import Event
@@ -81,16 +81,9 @@ class Announcer:
                                  **fields)
         self._publish(body, events.routing_key(Event.HEARTBEAT, self.node), settle=None)
 
-    def look_for_ledger(self, channel_factory: Callable[[], amqp.Channel]) -> None:
-        """Check (on a channel of its own) whether the ledger's queue exists."""
-        channel = channel_factory()
-        try:
-            channel.queue_declare(topology.ledger_queue(), passive=True)
-            found = True
-        except amqp.exceptions.NotFound:  # the broker closed that channel, not ours
-            found = False
-        else:
-            channel.close()
+    def look_for_ledger(self, conn: kombu.Connection) -> None:
+        """Check whether the ledger's queue exists (claims need it to be safe)."""
+        found = broker.queue_exists(conn, topology.ledger_queue())
         if found != self.listening:
             log.info("node %s: %s", self.node, "a ledger keeps this node's jobs" if found
                      else "no ledger listens; jobs are acked at their end")

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-import amqp.exceptions
 import kombu
 import kombu.pidbox
 from celery import Celery
@@ -92,7 +91,7 @@ class Feed:
         """Wait until the ledger's queue exists; False when stopped first."""
         said = False
         while not stop.is_set():
-            if _queue_exists(conn, topology.ledger_queue()):
+            if broker.queue_exists(conn, topology.ledger_queue()):
                 return True
             if not said:
                 log.warning("flower-feed: waiting for the ledger's queue %s (run dispatch "
@@ -184,20 +183,6 @@ def _declare(channel: Any) -> None:
     for event in SHOWN:
         channel.queue_bind(queue, topology.events_exchange(),
                            routing_key=events.routing_key(event, "#"))
-
-
-def _queue_exists(conn: kombu.Connection, queue: str) -> bool:
-    channel = conn.channel()
-    try:
-        channel.queue_declare(queue, passive=True)
-        return True
-    except amqp.exceptions.NotFound:
-        return False
-    finally:
-        try:
-            channel.close()
-        except broker.CONNECTION_ERRORS:
-            log.debug("closing a channel the broker closed", exc_info=True)
 
 
 def _event_body(message: Any) -> dict[str, Any]:

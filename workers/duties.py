@@ -71,7 +71,7 @@ class NodeDuties(JobFlow):
 
     def _heartbeat(self) -> None:
         self._next_heartbeat = time.monotonic() + self.config.heartbeat_interval_s
-        self.announcer.look_for_ledger(self._new_channel)
+        self.announcer.look_for_ledger(self._connection())
         running = [{"job_id": a.request.job_id, "attempt": a.request.attempt,
                     "started_at": a.job.started_at if a.job else None}
                    for a in self.running.values()]

@@ -156,10 +156,10 @@ class NodeBase:
             raise RuntimeError("not connected")
         return self._conn.default_channel
 
-    def _new_channel(self) -> Any:
+    def _connection(self) -> kombu.Connection:
         if self._conn is None:
             raise RuntimeError("not connected")
-        return self._conn.channel()
+        return self._conn
 
     def _prefetch(self) -> int:
         if self._claim_mode:
