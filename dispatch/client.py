@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,9 @@ from dispatch.archive import ZIP_CONTENT_TYPE, zip_paths
 from dispatch.chunks import ChunkError, Gatherer
 from dispatch.errors import (
     InvalidMessageError,
-    JobTimeoutError,
     UnroutableError,
 )
+from dispatch.handle import JobHandle
 from dispatch.job import ArrayPlace, JobSpec, JobUpdate
 from dispatch.result import JobResult
 
@@ -291,41 +291,6 @@ class Client:
                 self._conn.heartbeat_check()
             except broker.CONNECTION_ERRORS:
                 self._reconnect()
-
-
-class JobHandle:
-    """A submitted job: follow its ``updates`` or ``wait`` for its result."""
-
-    def __init__(self, client: Client, job_id: str) -> None:
-        self.client = client
-        self.job_id = job_id
-        self.last: JobUpdate | None = None
-
-    def __repr__(self) -> str:
-        return f"<JobHandle {self.job_id}>"
-
-    def updates(self, timeout_s: float | None = None) -> Iterator[JobUpdate]:
-        """Yield this job's replies as they arrive, ending with the final one.
-
-        Raises JobTimeoutError when ``timeout_s`` passes before the final reply.
-        """
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while self.last is None or not self.last.is_final:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            update = self.client.next_update([self.job_id], left)
-            if update is None:
-                raise JobTimeoutError(f"job {self.job_id}: no final reply within {timeout_s}s")
-            self.last = update
-            yield update
-
-    def wait(self, timeout_s: float | None = None) -> JobResult:
-        """Return the job's result once its final reply arrives."""
-        last = self.last
-        for update in self.updates(timeout_s):
-            last = update
-        if last is None:  # pragma: no cover - updates() ends only on a final reply
-            raise JobTimeoutError(f"job {self.job_id}: no reply")
-        return JobResult(last)
 
 
 __all__ = ["Client", "JobHandle", "JobResult"]
