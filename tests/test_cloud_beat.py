@@ -26,8 +26,10 @@ def test_a_server_past_its_lifetime_is_deleted_by_beat_within_seconds(
     assert fresh in cloud_double.state.servers
     assert foreign in cloud_double.state.servers
     assert cloud_double.deleted_servers() == [expired]
-    assert "dispatch-p-expired" in cloud_procs.log("celery-worker")
-    assert "lifetime ended" in cloud_procs.log("celery-worker")
+    # The task logs what it did after the deletion: wait for the line, do not race it.
+    wait_until(lambda: "dispatch-p-expired" in (log := cloud_procs.log("celery-worker"))
+               and "lifetime ended" in log, "the reap task's log line",
+               describe=cloud_procs.logs)
     assert PASSWORD not in cloud_procs.logs()
 
 

@@ -39,7 +39,10 @@ def test_beat_sends_out_again_a_job_whose_lease_expired(cloud_procs: Processes,
     sent = found[0]
     assert sent.properties["message_id"] == job_id
     assert sent.properties["application_headers"]["Attempt"] == 2
-    record = cloud_ledger.job(job_id)
-    assert record is not None and record.attempt == 2
-    assert "lease expired on gone" in (record.reason or "")
-    assert "expire-leases: sent out again or held 1 job(s)" in cloud_procs.log("celery-worker")
+    # The ledger commits once the broker confirmed the copy: wait for it, do not race it.
+    wait_until(lambda: (r := cloud_ledger.job(job_id)) is not None and r.attempt == 2,
+               "the ledger's record of attempt 2", describe=cloud_procs.logs)
+    assert "lease expired on gone" in (cloud_ledger.job(job_id).reason or "")
+    wait_until(lambda: "expire-leases: sent out again or held 1 job(s)"
+               in cloud_procs.log("celery-worker"), "the task's log line",
+               describe=cloud_procs.logs)
