@@ -184,6 +184,11 @@ class Client:
                         self.client_id, exc.reason)
             message.channel.basic_ack(message.delivery_tag)
             return
+        if self._stale(update):  # replies arrive in order: judge each as it comes
+            if headers.RESULT_BYTES in update.headers:
+                self.chunks.discard(update.job_id, update.attempt)
+            message.channel.basic_ack(message.delivery_tag)
+            return
         if headers.RESULT_BYTES in update.headers:
             self._parts[message.delivery_tag] = (update.job_id, update.attempt)
             try:
@@ -231,11 +236,7 @@ class Client:
 
     def _take(self, wanted: set[str] | None,
               before_ack: Callable[[JobUpdate], None] | None) -> JobUpdate | None:
-        for i, (update, tag) in enumerate(list(self._inbox)):
-            if self._stale(update):
-                del self._inbox[i]
-                self._ack(tag)
-                return self._take(wanted, before_ack)
+        for i, (update, tag) in enumerate(self._inbox):
             if wanted is None or update.job_id in wanted:
                 refused = self._refused.get(tag)
                 if before_ack is not None and refused is None:
