@@ -8,12 +8,13 @@ the job to the ledger and ack it at once; heartbeats renew its lease.
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from dispatch.client import Client
-from dispatch.job import JobSpec, JobState
+from dispatch.job import JobSpec, JobState, JobUpdate
 from dispatch.ledger.records import LedgerState
 
 from conftest import Workers
@@ -29,6 +30,22 @@ def vhost_workers(vhost_url: str, workdir_root: Path, tmp_path: Path):
     (tmp_path / "workers").mkdir()
     yield workers
     workers.stop_all()
+
+
+def _kill_mid_job(workers: Workers, url: str, pool: str, seconds: str, *,
+                  before_kill: Callable[[str], object] = lambda _job_id: None,
+                  ) -> list[JobUpdate]:
+    """Run a job on node "doomed", SIGKILL that node, start "survivor"; return all updates."""
+    first = workers.start(*HEARTBEAT, "--name", "doomed", pools=(pool,), slots=1)
+    with Client(url) as client:
+        handle = client.submit(JobSpec("sleep", (seconds,), pool=pool))
+        running = next(handle.updates(timeout_s=30))
+        assert (running.state, running.host) == (JobState.RUNNING, "doomed")
+        before_kill(handle.job_id)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+        workers.start(*HEARTBEAT, "--name", "survivor", pools=(pool,), slots=1)
+        return [running, *handle.updates(timeout_s=60)]
 
 
 def test_a_job_much_longer_than_consumer_timeout_runs_once(ledger_service, vhost_workers,
@@ -51,16 +68,10 @@ def test_a_node_killed_mid_job_costs_exactly_one_rerun_and_one_result(ledger_ser
                                                                       vhost_workers,
                                                                       vhost_url, pool):
     ledger_service.start("--pool", pool)
-    first = vhost_workers.start(*HEARTBEAT, "--name", "doomed", pools=(pool,), slots=1)
-    with Client(vhost_url) as client:
-        handle = client.submit(JobSpec("sleep", ("2",), pool=pool))
-        running = next(handle.updates(timeout_s=30))
-        assert (running.state, running.host) == (JobState.RUNNING, "doomed")
-        ledger_service.wait_for(lambda led: (r := led.job(handle.job_id)) and r.host == "doomed")
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=10)
-        vhost_workers.start(*HEARTBEAT, "--name", "survivor", pools=(pool,), slots=1)
-        updates = [running, *handle.updates(timeout_s=60)]
+    updates = _kill_mid_job(vhost_workers, vhost_url, pool, "2", before_kill=lambda job_id:
+                            ledger_service.wait_for(lambda led: (r := led.job(job_id))
+                                                    and r.host == "doomed"))
+    job_id = updates[0].job_id
     # The claim reached the ledger, so the job message was acked: the broker has
     # nothing to redeliver, and the ledger sends attempt 2 once the lease runs out.
     assert [(u.state, u.attempt, u.host) for u in updates] == [
@@ -71,21 +82,14 @@ def test_a_node_killed_mid_job_costs_exactly_one_rerun_and_one_result(ledger_ser
     ]
     assert "doomed" in (updates[1].reason or "")
     record = ledger_service.wait_for(
-        lambda led: (r := led.job(handle.job_id)) and r.state is LedgerState.EXITED and r)
+        lambda led: (r := led.job(job_id)) and r.state is LedgerState.EXITED and r)
     assert (record.attempt, record.host, record.exit_code) == (2, "survivor", 0)
 
 
 def test_a_node_killed_before_its_claim_lands_is_covered_by_the_broker(vhost_workers,
                                                                        vhost_url, pool):
     """Without a ledger to claim with, the job stays unacked: the broker hands it on."""
-    first = vhost_workers.start(*HEARTBEAT, "--name", "doomed", pools=(pool,), slots=1)
-    with Client(vhost_url) as client:
-        handle = client.submit(JobSpec("sleep", ("1",), pool=pool))
-        running = next(handle.updates(timeout_s=30))
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=10)
-        vhost_workers.start(*HEARTBEAT, "--name", "survivor", pools=(pool,), slots=1)
-        updates = [running, *handle.updates(timeout_s=60)]
+    updates = _kill_mid_job(vhost_workers, vhost_url, pool, "1")
     assert [(u.state, u.attempt, u.host) for u in updates] == [
         (JobState.RUNNING, 1, "doomed"),
         (JobState.RUNNING, 1, "survivor"),
