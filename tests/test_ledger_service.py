@@ -63,7 +63,10 @@ def test_pools_named_in_heartbeats_get_a_queue_and_their_submissions_are_seen(le
             return False
         return True
 
-    ledger_service.wait_for(lambda _led: wire.depth(topology.pool_queue(pool)) >= 0)
+    # The ledger logs "tracking pool" once both the pool queue and its copy binding exist;
+    # a job published between the two would reach the pool but not the ledger.
+    ledger_service.wait_for(lambda _led: f"tracking pool {pool}" in ledger_service.log())
+    assert wire.depth(topology.pool_queue(pool)) >= 0
     assert bound()
     rec = ledger_service.wait_for(lambda led: led.job("h1"))
     assert rec.pool == pool and rec.state is LedgerState.IDLE
