@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from dispatch.job import JobSpec, JobState
@@ -27,3 +29,18 @@ def test_a_job_running_through_a_broker_restart_reports_once_and_new_jobs_still_
     assert after.exit_code == 0
     # Exactly one final reply for the job that lived through the restart.
     assert client.next_update([handle.job_id], timeout_s=2) is None
+
+
+def test_a_job_that_ends_while_the_broker_is_down_runs_once(rabbitmq_proc, worker, client,
+                                                            pool):
+    # The node reconnects, reports the finished job and receives its redelivery in the
+    # same breath: the redelivery must join the result on its way, not run again.
+    handle = client.submit(JobSpec("sleep", ("1",), pool=pool))
+    assert next(handle.updates(timeout_s=30)).state is JobState.RUNNING
+    rabbitmq_proc.rabbitctl_output("stop_app")
+    time.sleep(2)  # the job ends while the broker is away
+    rabbitmq_proc.rabbitctl_output("start_app")
+
+    result = handle.wait(timeout_s=60)
+    assert result.state is JobState.EXITED and result.exit_code == 0
+    assert client.next_update([handle.job_id], timeout_s=3) is None

@@ -65,9 +65,12 @@ class JobFlow(NodeBase):
 
     def _duplicate(self, job_id: str, tag: int) -> bool:
         """Handle a redelivery of a job this node already runs or has finished."""
-        if job_id in self.running:
-            log.info("job %s: redelivered while running here; keeping one run", job_id)
-            active = self.running[job_id]
+        active = self.running.get(job_id) or self.finishing.get(job_id)
+        if active is not None:
+            # Still running, or its result is on its way (a reconnect brings the job
+            # back before the broker confirms the final reply): one run, one result.
+            log.info("job %s: redelivered while it %s here; keeping one run", job_id,
+                     "runs" if job_id in self.running else "reports")
             if active.claimed:
                 self._channel().basic_ack(tag)
             else:
@@ -139,6 +142,7 @@ class JobFlow(NodeBase):
         if held:
             job.close()
         del self.running[request.job_id]
+        self.finishing[request.job_id] = active
         self.chirp.forget(request.job_id)
         self.slots.give(request.spec.resources)
         self.jobs_done += 1
@@ -227,6 +231,7 @@ class JobFlow(NodeBase):
 
     def _settled(self, active: Active, ok: bool) -> None:
         job_id = active.request.job_id
+        self.finishing.pop(job_id, None)
         self.recent[job_id] = None
         if len(self.recent) > RECENT_JOBS:
             self.recent.popitem(last=False)

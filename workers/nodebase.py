@@ -105,6 +105,8 @@ class NodeBase:
         self.running: dict[str, Active] = {}
         self.waiting: collections.deque[Active] = collections.deque()
         self.recent: collections.OrderedDict[str, None] = collections.OrderedDict()
+        #: Jobs whose final reply is published but not yet confirmed.
+        self.finishing: dict[str, Active] = {}
         self.inbox: collections.deque[Any] = collections.deque()
         self.control_inbox: collections.deque[Any] = collections.deque()
         self.stopping = False
@@ -176,6 +178,9 @@ class NodeBase:
         """After a reconnect, old delivery tags are void; redeliveries bring new ones."""
         for active in self.running.values():
             active.delivery_tag = None
+        # A final reply whose confirm died with the old channel may not have landed: a
+        # redelivery of that job runs it again (at-least-once), as it must.
+        self.finishing.clear()
         for active in self.waiting:
             active.delivery_tag = None
         self.waiting.clear()
