@@ -164,7 +164,7 @@ class JobFlow(NodeBase):
                                   reason=None if held else reason,
                                   hold_reason=reason if held else None, **result)
         self.runner.cleanup(job)
-        if request.spec.resources.cpus > 1 and not self._claim_mode:
+        if not self._claim_mode:
             self._update_prefetch()
         self._start_waiting()
 
@@ -242,6 +242,8 @@ class JobFlow(NodeBase):
         else:
             self._ack_if(False, active.delivery_tag, job_id)
             active.delivery_tag = None
+        if not self._claim_mode:
+            self._update_prefetch()
 
     def _ack(self, active: Active) -> None:
         """Ack a job message once, whichever of its claim or final reply settles first."""

@@ -93,14 +93,15 @@ class ExecuteNode(NodeDuties):
         self._replies_now = Replies(channel, self.machine.name)
         self._announcer = Announcer(self._replies_now.confirms, self.machine.name)
         self._claim_mode = None
-        channel.basic_qos(0, self._prefetch(), True)
+        self._rebind_running()
+        self._prefetch_sent = self._prefetch()
+        channel.basic_qos(0, self._prefetch_sent, True)
         consumer = kombu.Consumer(channel, queues=[kombu.Queue(q, no_declare=True) for q in queues],
                                   accept=ACCEPT, on_message=self.inbox.append, no_ack=False)
         consumer.consume()
         self._consume_orders(conn)
         sock = conn.connection.sock
         self._selector.register(sock, selectors.EVENT_READ, "amqp")
-        self._rebind_running()
         self._next_heartbeat = 0.0
         log.info("node %s: serving %s with %d slots", self.machine.name, ", ".join(queues),
                  self.machine.cpus)

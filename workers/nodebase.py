@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import kombu
+from amqp import spec
 
 from dispatch import broker, events, headers
 from dispatch.chunks import DEFAULT_MAX_RESULT_BYTES
@@ -120,6 +121,7 @@ class NodeBase:
         self._next_heartbeat = 0.0
         self._offline_sent = False
         self._claim_mode: bool | None = None
+        self._prefetch_sent = 0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._selector = selectors.DefaultSelector()
@@ -169,10 +171,22 @@ class NodeBase:
             # time arrives, and at most one waits for a slot.
             return 1
         extra: int = sum(a.request.spec.resources.cpus - 1 for a in self.running.values())
-        return max(1, self.machine.cpus - extra)
+        # A finished job keeps its delivery unacked until its final reply is confirmed
+        # (a disk write away for a persistent reply), but no longer needs its slot: it
+        # must not hold back the next job's delivery meanwhile.
+        settling = sum(1 for a in self.finishing.values() if a.delivery_tag is not None)
+        return max(1, self.machine.cpus - extra) + settling
 
     def _update_prefetch(self) -> None:
-        self._channel().basic_qos(0, self._prefetch(), True)
+        """Tell the broker the prefetch the node's slots allow now, without waiting.
+
+        Sent only when it changes, and without waiting for ``qos-ok`` (py-amqp ignores
+        an unsolicited one): the loop never blocks on a round trip for it.
+        """
+        want = self._prefetch()
+        if want != self._prefetch_sent:
+            self._channel().send_method(spec.Basic.Qos, "lBb", (0, want, True))
+            self._prefetch_sent = want
 
     def _rebind_running(self) -> None:
         """After a reconnect, old delivery tags are void; redeliveries bring new ones."""
