@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 import zipfile
@@ -224,6 +226,22 @@ def test_a_worker_in_burst_mode_exits_once_its_queue_is_empty(workers, client, p
     burst = workers.start("--burst", pools=(pool,), slots=1)
     assert burst.wait(timeout=30) == 0
     assert [h.wait(timeout_s=10).exit_code for h in handles] == [0, 0, 0]
+
+
+def test_finished_jobs_leave_no_working_directories_behind(workers, client, pool):
+    root = Path(tempfile.mkdtemp(prefix="dispatch-own-root.", dir="/var/tmp"))
+    root.chmod(0o755)  # the unprivileged job account must reach its directories
+    try:
+        proc = workers.start("--workdir-root", str(root), pools=(pool,))
+        handles = [client.submit(JobSpec("sh", ("-c", "mkdir -p a/b && echo x > a/b/f"),
+                                         pool=pool)) for _ in range(20)]
+        assert {h.wait(timeout_s=30).exit_code for h in handles} == {0}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        # What is left is the node's own: its spool and its chirp socket, no job's.
+        assert {p.name for p in root.iterdir()} <= {".spool", ".chirp"}, list(root.iterdir())
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_results_are_extracted_safely(tmp_path: Path):
