@@ -1,7 +1,9 @@
 """Dispatch's side: a ``dispatch worker`` subprocess per phase, timed from ``Client.submit``.
 
 Latency is one job in flight, from ``submit`` to the final reply taken by
-``handle.wait()``. Throughput submits every job, then collects every final reply.
+``handle.wait()``. Throughput submits every job with ``submit_many`` (each job still
+confirmed by the broker, the confirms awaited by the window), then collects every
+final reply.
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ def run_throughput(client: Client, pool: str, jobs: int) -> float:
     """Submit ``jobs`` jobs, then take every final reply; return the seconds it all took."""
     spec = _spec(pool)
     started = time.perf_counter()
-    pending = {client.submit(spec).job_id for _ in range(jobs)}
+    # As a user submits many jobs (an array, a list): confirms awaited by the window.
+    pending = {handle.job_id for handle in client.submit_many([spec] * jobs)}
     while pending:
         # The client is this phase's alone, so "any job" means "one of ours".
         update = client.next_update(None, timeout_s=TIMEOUT_S)

@@ -22,13 +22,9 @@ from typing import Any
 
 import kombu
 
-from dispatch import broker, headers, topology
-from dispatch.archive import ZIP_CONTENT_TYPE, zip_paths
+from dispatch import broker, headers, submitting, topology
 from dispatch.chunks import ChunkError, Gatherer
-from dispatch.errors import (
-    InvalidMessageError,
-    UnroutableError,
-)
+from dispatch.errors import InvalidMessageError
 from dispatch.handle import JobHandle
 from dispatch.job import ArrayPlace, JobSpec, JobUpdate
 from dispatch.result import JobResult
@@ -117,9 +113,9 @@ class Client:
         if count < 1:
             raise ValueError("an array has at least one job")
         array_id = spec.job_id or uuid.uuid4().hex
-        return [self.submit(replace(spec, job_id=f"{array_id}.{index}",
-                                    array=ArrayPlace(array_id, index, count)))
-                for index in range(count)]
+        return self.submit_many(replace(spec, job_id=f"{array_id}.{index}",
+                                        array=ArrayPlace(array_id, index, count))
+                                for index in range(count))
 
     def submit(self, spec: JobSpec) -> JobHandle:
         """Publish one job with confirms and mandatory routing; return its handle.
@@ -127,41 +123,30 @@ class Client:
         Raises UnroutableError when no queue is bound for the job's pool (no worker
         ever served it), and BrokerError when the broker does not take the job.
         """
-        job_id = spec.job_id or uuid.uuid4().hex
-        body = zip_paths(list(spec.inputs)) if spec.inputs else b""
-        props: dict[str, Any] = {
-            "message_id": job_id,
-            "correlation_id": job_id,
-            "reply_to": self.reply_queue,
-            "priority": spec.priority,
-            # The broker checks user_id against the connection's user: the job's owner
-            # is a fact, not a claim, and only that owner (or an admin) may rm/hold it.
-            "user_id": self.user,
-        }
-        if body:
-            props["content_type"] = ZIP_CONTENT_TYPE
-        msg = broker.message(body, headers.encode_request(spec), **props)
-        pool = topology.check_pool_name(spec.pool)
-        for attempt in (1, 2):
+        return self.submit_many([spec])[0]
+
+    def submit_many(self, specs: Iterable[JobSpec]) -> list[JobHandle]:
+        """Submit several jobs as :meth:`submit` does, their confirms awaited together.
+
+        Jobs go out in windows of ``submitting.WINDOW``: one round trip to the broker
+        a window, not one a job. On an error, the windows before it stay submitted.
+        """
+        requests = [submitting.request(spec, reply_to=self.reply_queue, user=self.user)
+                    for spec in specs]
+        done, retried = 0, False
+        while done < len(requests):
+            window = requests[done:done + submitting.WINDOW]
             try:
                 with self._lock:
-                    self._publish(msg, pool)
-                break
+                    submitting.publish_batch(self._confirms, self._returned, window)
             except broker.CONNECTION_ERRORS:
-                if attempt == 2:
+                if retried:  # a window in doubt is published again: at least once
                     raise
+                retried = True
                 self._reconnect()
-        return JobHandle(self, job_id)
-
-    def _publish(self, msg: Any, pool: str) -> None:
-        del self._returned[:]
-        with broker.translated(f"submitting to pool {pool!r}"):
-            seq = self._confirms.publish(msg, topology.jobs_exchange(), pool, mandatory=True)
-            self._confirms.wait_for(seq)
-        if self._returned:
-            raise UnroutableError(
-                f"no pool {pool!r}: no queue is bound to {topology.jobs_exchange()} "
-                f"with key {pool!r} (start a worker with --pool {pool})")
+                continue
+            done += len(window)
+        return [JobHandle(self, r.job_id) for r in requests]
 
     def _on_return(self, msg: Any, detail: str) -> None:
         self._returned.append(detail)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from dispatch import submitting
 from dispatch.client import Client
 from dispatch.errors import ArchiveError, JobTimeoutError, UnroutableError
 from dispatch.job import JobSpec, JobState, JobUpdate, Resources
@@ -141,6 +142,23 @@ def test_jobs_run_as_the_unprivileged_user_when_the_worker_is_root(worker, clien
 def test_submitting_to_a_pool_nobody_serves_is_a_clear_error(client):
     with pytest.raises(UnroutableError, match="no pool 'nobody-serves-this'"):
         client.submit(JobSpec("true", pool="nobody-serves-this"))
+
+
+def test_submit_many_confirms_jobs_by_window_and_all_of_them_run(worker, client, pool,
+                                                                 monkeypatch):
+    monkeypatch.setattr(submitting, "WINDOW", 4)  # 10 jobs: windows of 4, 4 and 2
+    specs = [JobSpec("sh", ("-c", f"echo {i}"), pool=pool) for i in range(10)]
+    handles = client.submit_many(specs)
+    assert len({h.job_id for h in handles}) == 10
+    outputs = [zipfile.ZipFile(io.BytesIO(h.wait(timeout_s=30).archive)).read("job.out")
+               for h in handles]
+    assert outputs == [f"{i}\n".encode() for i in range(10)]
+
+
+def test_submit_many_names_the_pool_nobody_serves(worker, client, pool):
+    specs = [JobSpec("true", pool=pool), JobSpec("true", pool="nobody-serves-this-either")]
+    with pytest.raises(UnroutableError, match="no pool 'nobody-serves-this-either'"):
+        client.submit_many(specs)
 
 
 def test_wait_gives_up_with_a_timeout_error(worker, client, pool):

@@ -165,7 +165,7 @@ class JobFlow(NodeBase):
                                   hold_reason=reason if held else None, **result)
         self.runner.cleanup(job)
         if not self._claim_mode:
-            self._update_prefetch()
+            self._update_prefetch(lower=request.spec.resources.cpus > 1)
         self._start_waiting()
 
     def _start_waiting(self) -> None:
@@ -242,8 +242,6 @@ class JobFlow(NodeBase):
         else:
             self._ack_if(False, active.delivery_tag, job_id)
             active.delivery_tag = None
-        if not self._claim_mode:
-            self._update_prefetch()
 
     def _ack(self, active: Active) -> None:
         """Ack a job message once, whichever of its claim or final reply settles first."""

@@ -155,6 +155,8 @@ class ExecuteNode(NodeDuties):
                 self._on_control(self.control_inbox.popleft())
             while self.inbox:
                 self._receive(self.inbox.popleft())
+            if not self.finishing and not self._claim_mode:
+                self._update_prefetch()  # lowered once no result awaits its confirm
             if time.monotonic() >= self._next_heartbeat:
                 self._heartbeat()
             if self._finished(cancelled):

@@ -173,20 +173,30 @@ class NodeBase:
         extra: int = sum(a.request.spec.resources.cpus - 1 for a in self.running.values())
         # A finished job keeps its delivery unacked until its final reply is confirmed
         # (a disk write away for a persistent reply), but no longer needs its slot: it
-        # must not hold back the next job's delivery meanwhile.
+        # must not hold back the next job's delivery meanwhile. The prefetch rises as a
+        # job finishes and falls back once no result awaits a confirm (not at each
+        # confirm: in a busy stream that would be a qos frame a job for nothing).
         settling = sum(1 for a in self.finishing.values() if a.delivery_tag is not None)
         return max(1, self.machine.cpus - extra) + settling
 
-    def _update_prefetch(self) -> None:
+    def _update_prefetch(self, *, lower: bool = True) -> None:
         """Tell the broker the prefetch the node's slots allow now, without waiting.
 
         Sent only when it changes, and without waiting for ``qos-ok`` (py-amqp ignores
-        an unsolicited one): the loop never blocks on a round trip for it.
+        an unsolicited one): the loop never blocks on a round trip for it. With
+        ``lower=False`` (a job just finished) it only rises, and only once the jobs
+        held unacked would otherwise stop the broker from delivering the next one.
         """
         want = self._prefetch()
-        if want != self._prefetch_sent:
-            self._channel().send_method(spec.Basic.Qos, "lBb", (0, want, True))
-            self._prefetch_sent = want
+        if want == self._prefetch_sent or (not lower and (
+                want < self._prefetch_sent or self._unacked() < self._prefetch_sent)):
+            return
+        self._channel().send_method(spec.Basic.Qos, "lBb", (0, want, True))
+        self._prefetch_sent = want
+
+    def _unacked(self) -> int:
+        held = (*self.running.values(), *self.finishing.values(), *self.waiting)
+        return sum(1 for a in held if a.delivery_tag is not None)
 
     def _rebind_running(self) -> None:
         """After a reconnect, old delivery tags are void; redeliveries bring new ones."""
