@@ -29,6 +29,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--throughput-jobs", type=int, default=2000,
                         help="jobs in flight at once (default: 2000)")
     parser.add_argument("--skip-celery", action="store_true", help="measure Dispatch only")
+    parser.add_argument("--results", type=Path, default=report.RESULTS_DIR,
+                        help="where the run's JSON goes (default: bench/results)")
     parser.add_argument("--keep-work", action="store_true",
                         help="keep the worker logs and job directories under /var/tmp")
     return parser.parse_args(argv)
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     if not args.keep_work:
         shutil.rmtree(work, ignore_errors=True)
-    path = report.write(result)
+    path = report.write(result, args.results)
     print(report.table(result))
     print("targets:\n" + report.verdicts(result))
     print(f"load average (1/5/15 min): {result['load_average_1_5_15min']}")

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench import stats, testbed
+from bench import cpu, stats, testbed
 from bench.celery_app import app, run_true
 
 TIMEOUT_S = 30.0
@@ -72,9 +72,12 @@ def measure(url: str, work: Path, *, latency_jobs: int, warmup: int,
             samples = run_latency(run_true, latency_jobs, warmup)
             figures["latency"] = {**stats.latency_figures(samples), "concurrency": CONCURRENCY}
             print(f"celery: throughput, {throughput_jobs} tasks in flight", file=sys.stderr)
+            meter = cpu.Meter(url, proc.pid)
+            before = meter.read()
             elapsed = run_throughput(run_true, throughput_jobs)
-            figures["throughput"] = {**stats.throughput_figures(throughput_jobs, elapsed),
-                                     "concurrency": CONCURRENCY}
+            figures["throughput"] = {
+                **stats.throughput_figures(throughput_jobs, elapsed), "concurrency": CONCURRENCY,
+                "cpu_ms_per_job": cpu.per_job_ms(before, meter.read(), throughput_jobs)}
     finally:
         app.close()
         testbed.delete_queues(url, [queue])

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench import stats, testbed
+from bench import cpu, stats, testbed
 from dispatch import topology
 from dispatch.client import Client
 from dispatch.job import JobSpec
@@ -88,7 +88,7 @@ def run_throughput(client: Client, pool: str, jobs: int) -> float:
 
 def _phase(url: str, work: Path, name: str, slots: int, body: Any,
            run_as: str | None = UNPRIVILEGED) -> Any:
-    """Run ``body(client, pool)`` against a fresh pool served by a fresh worker.
+    """Run ``body(client, pool, worker)`` against a fresh pool served by a fresh worker.
 
     The worker runs from the snapshot in ``work/src`` (see ``testbed.snapshot``).
     """
@@ -104,7 +104,7 @@ def _phase(url: str, work: Path, name: str, slots: int, body: Any,
             testbed.wait_for_consumer(url, topology.pool_queue(pool), proc)
             with Client(url) as client:
                 queues.append(client.reply_queue)
-                return body(client, pool)
+                return body(client, pool, proc)
     finally:
         testbed.delete_queues(url, queues)
 
@@ -119,24 +119,27 @@ def measure(url: str, work: Path, *, latency_jobs: int, warmup: int,
     print(f"dispatch: latency, {latency_jobs} jobs one at a time ({latency_slots} slots)",
           file=sys.stderr)
     samples = _phase(url, work, "latency", latency_slots,
-                     lambda c, p: run_latency(c, p, latency_jobs, warmup))
+                     lambda c, p, _: run_latency(c, p, latency_jobs, warmup))
     figures["latency"] = {**stats.latency_figures(samples), "slots": latency_slots,
                           "worker_user": UNPRIVILEGED}
     print("dispatch: latency again, root worker switching each job to nobody",
           file=sys.stderr)
     samples = _phase(url, work, "latency-root", latency_slots,
-                     lambda c, p: run_latency(c, p, latency_jobs, warmup), run_as=None)
+                     lambda c, p, _: run_latency(c, p, latency_jobs, warmup), run_as=None)
     figures["latency_root_switching_user"] = {**stats.latency_figures(samples),
                                               "slots": latency_slots, "worker_user": "root"}
     for slots in (1, 2):
         print(f"dispatch: throughput, {throughput_jobs} jobs in flight, {slots} slot(s)",
               file=sys.stderr)
 
-        def body(client: Client, pool: str) -> float:
+        def body(client: Client, pool: str, worker: Any) -> dict[str, Any]:
             run_latency(client, pool, 0, warmup)  # warm the fresh worker, untimed
-            return run_throughput(client, pool, throughput_jobs)
+            meter = cpu.Meter(url, worker.pid)
+            before = meter.read()
+            elapsed = run_throughput(client, pool, throughput_jobs)
+            return {**stats.throughput_figures(throughput_jobs, elapsed),
+                    "cpu_ms_per_job": cpu.per_job_ms(before, meter.read(), throughput_jobs)}
 
-        elapsed = _phase(url, work, f"tp{slots}", slots, body)
-        figures[f"throughput_{slots}slot"] = {**stats.throughput_figures(throughput_jobs, elapsed),
+        figures[f"throughput_{slots}slot"] = {**_phase(url, work, f"tp{slots}", slots, body),
                                               "slots": slots}
     return figures

@@ -71,11 +71,22 @@ def table(run: dict[str, Any]) -> str:
              cel("throughput", "jobs_per_s"), adv("throughput")),
         _row("throughput (jobs/s), 1 slot", d["throughput_1slot"]["jobs_per_s"], "-", ""),
     ]
+    for side, label in (("broker", "broker"), ("worker", "worker and its jobs"),
+                        ("client", "submitting process")):
+        lines.append(_row(f"CPU ms/job, {label}",
+                          _cpu(d["throughput_2slot"], side), _cpu(c and c["throughput"], side),
+                          ""))
     root = d.get("latency_root_switching_user")
     if root:
         lines.append(_row("p50 (ms), root worker, jobs as nobody", root["p50_ms"], "-", ""))
         lines.append(_row("p99 (ms), root worker, jobs as nobody", root["p99_ms"], "-", ""))
     return "\n".join(lines)
+
+
+def _cpu(phase: dict[str, Any] | None, side: str) -> object:
+    """One side's CPU per job in a throughput phase, or "-" when it was not measured."""
+    value = ((phase or {}).get("cpu_ms_per_job") or {}).get(side)
+    return "-" if value is None else value
 
 
 def verdicts(run: dict[str, Any]) -> str:
@@ -84,9 +95,9 @@ def verdicts(run: dict[str, Any]) -> str:
                      for name, ok in run["targets"].items())
 
 
-def write(run: dict[str, Any]) -> Path:
-    """Write the run as JSON to bench/results/<timestamp>.json; return the path."""
-    RESULTS_DIR.mkdir(exist_ok=True)
-    path = RESULTS_DIR / f"{run['timestamp']}.json"
+def write(run: dict[str, Any], directory: Path = RESULTS_DIR) -> Path:
+    """Write the run as JSON to ``directory/<timestamp>.json``; return the path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{run['timestamp']}.json"
     path.write_text(json.dumps(run, indent=2) + "\n")
     return path
