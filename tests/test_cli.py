@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import textwrap
 
+import click
 import pytest
+
+from dispatch.cli import VERBS, cli
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -150,3 +155,31 @@ def test_the_worker_describes_the_machine_requirements_are_matched_against(dispa
     assert attrs["Cpus"] == 3 and attrs["Memory"] == 2048
     assert attrs["Machine"] == "node-7" and attrs["Groups"] == "gpu,ssd"
     assert {"Arch", "OpSys", "Disk"} <= set(attrs)
+
+
+@pytest.mark.parametrize("verb", ["submit", "wait", "listen", "rm", "worker"])
+def test_a_verb_loads_only_what_it_needs(verb):
+    # Each verb's module is imported when it runs: submitting a job or starting a worker
+    # must not pay for the ledger's SQLAlchemy, the cloud plane or jsonschema (a
+    # smaller worker also forks its jobs faster when it switches users).
+    probe = (
+        "import sys, click\n"
+        "from dispatch.cli import cli\n"
+        f"assert cli.get_command(click.Context(cli), {verb!r}) is not None\n"
+        "heavy = ('sqlalchemy', 'jsonschema', 'celery', 'openstack', 'fabric', 'paramiko')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+
+
+def test_every_verb_is_listed_and_loads():
+    ctx = click.Context(cli)
+    names = cli.list_commands(ctx)
+    assert set(VERBS) | {"worker", "cloud", "flower-feed"} <= set(names)
+    for name in names:
+        command = cli.get_command(ctx, name)
+        assert isinstance(command, click.Command), name
+    assert cli.get_command(ctx, "no-such-verb") is None

@@ -2,18 +2,20 @@
 
 Subcommands live in their own modules; packages may add more through the
 ``dispatch.commands`` entry-point group (that is how ``dispatch worker`` arrives
-from ``workers/`` without ``dispatch/`` importing it).
+from ``workers/`` without ``dispatch/`` importing it). A verb's module is imported
+only when that verb runs: ``dispatch submit`` does not load the ledger's SQLAlchemy,
+nor a worker the cloud plane's openstacksdk.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 
 import click
 
-from dispatch.cli import chirp, control, demo, ledger, listen, queries, submit, users
 from dispatch.errors import DispatchError, InvalidJobError
 
 EXIT_USAGE = 2
@@ -21,31 +23,56 @@ EXIT_TIMEOUT = 124
 EXIT_DISPATCH = 125
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+#: Verb -> "module:attribute" of its click command.
+VERBS = {
+    "submit": "dispatch.cli.submit:submit_command",
+    "wait": "dispatch.cli.submit:wait_command",
+    "listen": "dispatch.cli.listen:listen_command",
+    "demo": "dispatch.cli.demo:demo_command",
+    "ledger": "dispatch.cli.ledger:ledger_command",
+    "q": "dispatch.cli.queries:q_command",
+    "ls": "dispatch.cli.queries:q_command",
+    "history": "dispatch.cli.queries:history_command",
+    "stat": "dispatch.cli.queries:stat_command",
+    "explain": "dispatch.cli.queries:explain_command",
+    "rm": "dispatch.cli.control:rm_command",
+    "hold": "dispatch.cli.control:hold_command",
+    "release": "dispatch.cli.control:release_command",
+    "users": "dispatch.cli.users:users_command",
+    "chirp": "dispatch.cli.chirp:chirp_command",
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose verbs are imported when used (``--help`` imports them all)."""
+
+    def _plugins(self) -> dict[str, EntryPoint]:
+        return {ep.name: ep for ep in entry_points(group="dispatch.commands")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """Return every verb's name, without importing any."""
+        return sorted({*super().list_commands(ctx), *VERBS, *self._plugins()})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """Import the verb's module (or load its plug-in) and return its command."""
+        if cmd_name in VERBS:
+            module, _, attribute = VERBS[cmd_name].partition(":")
+            command = getattr(importlib.import_module(module), attribute)
+        elif (plugin := self._plugins().get(cmd_name)) is not None:
+            command = plugin.load()
+        else:
+            return super().get_command(ctx, cmd_name)
+        if not isinstance(command, click.Command):
+            raise TypeError(f"dispatch {cmd_name}: {command!r} is not a click command")
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def cli(verbose: int) -> None:
     """Dispatch: low-latency jobs over AMQP."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-cli.add_command(submit.submit_command)
-cli.add_command(submit.wait_command)
-cli.add_command(listen.listen_command)
-cli.add_command(demo.demo_command)
-cli.add_command(ledger.ledger_command)
-cli.add_command(queries.q_command)
-cli.add_command(queries.q_command, "ls")
-cli.add_command(queries.history_command)
-cli.add_command(queries.stat_command)
-cli.add_command(queries.explain_command)
-cli.add_command(control.rm_command)
-cli.add_command(control.hold_command)
-cli.add_command(control.release_command)
-cli.add_command(users.users_command)
-cli.add_command(chirp.chirp_command)
-for _entry in entry_points(group="dispatch.commands"):
-    cli.add_command(_entry.load(), _entry.name)
 
 
 def main(argv: list[str] | None = None) -> int:
