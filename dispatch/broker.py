@@ -53,6 +53,16 @@ def connect(url: str, *, heartbeat_s: int = DEFAULT_HEARTBEAT_S,
     return conn
 
 
+def release_quietly(conn: kombu.Connection | None) -> None:
+    """Release a connection that may already be broken; errors are only logged at debug."""
+    if conn is None:
+        return
+    try:
+        conn.release()
+    except Exception:
+        log.debug("error while releasing a broken connection", exc_info=True)
+
+
 def safe_url(url: str) -> str:
     """Return ``url`` with any password masked, for logs and error messages."""
     if "://" not in url:

@@ -54,7 +54,7 @@ class Client:
         self._heartbeat_s = heartbeat_s
         self._lock = threading.RLock()
         self._inbox: collections.deque[tuple[JobUpdate, int]] = collections.deque()
-        self._returned: list[str] = []
+        self._returned: set[str] = set()  # job ids the broker could not route
         self._attempts: dict[str, int] = {}
         self._conn: kombu.Connection | None = None
         self._connect()
@@ -85,12 +85,8 @@ class Client:
         self._connect()
 
     def _release(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.release()
-            except Exception:
-                log.debug("error releasing connection", exc_info=True)
-            self._conn = None
+        broker.release_quietly(self._conn)
+        self._conn = None
 
     def close(self) -> None:
         """Close the connection; replies not yet taken stay queued for next time."""
@@ -129,7 +125,9 @@ class Client:
         """Submit several jobs as :meth:`submit` does, their confirms awaited together.
 
         Jobs go out in windows of ``submitting.WINDOW``: one round trip to the broker
-        a window, not one a job. On an error, the windows before it stay submitted.
+        a window, not one a job. A window whose connection is lost is published again
+        once, after a reconnect (at least once). On an error, the windows before it
+        stay submitted.
         """
         requests = [submitting.request(spec, reply_to=self.reply_queue, user=self.user)
                     for spec in specs]
@@ -145,11 +143,11 @@ class Client:
                 retried = True
                 self._reconnect()
                 continue
-            done += len(window)
+            done, retried = done + len(window), False
         return [JobHandle(self, r.job_id) for r in requests]
 
     def _on_return(self, msg: Any, detail: str) -> None:
-        self._returned.append(detail)
+        self._returned.add(str(msg.properties.get("message_id")))
 
     def attach(self, job_id: str) -> JobHandle:
         """Return a handle for a job submitted earlier under this client id."""

@@ -52,24 +52,25 @@ def request(spec: JobSpec, *, reply_to: str, user: str) -> Request:
     return Request(job_id, pool, broker.message(body, headers.encode_request(spec), **props))
 
 
-def publish_batch(confirms: broker.Confirms, returned: list[str],
+def publish_batch(confirms: broker.Confirms, returned: set[str],
                   batch: Sequence[Request]) -> None:
     """Publish ``batch`` (mandatory), then wait until the broker confirms every job.
 
-    ``returned`` is where the client's return handler notes unroutable messages.
-    Raises UnroutableError naming the pools no queue serves, PublishNackedError or
-    BrokerError as :meth:`broker.Confirms.wait_for` does.
+    ``returned`` is where the client's return handler notes the job ids of the
+    messages the broker could not route. Raises UnroutableError naming a pool no
+    queue serves, or PublishNackedError or BrokerError as
+    :meth:`broker.Confirms.wait_for` does.
     """
-    del returned[:]
+    returned.clear()
     what = f"pool {batch[0].pool!r}" if len(batch) == 1 else f"{len(batch)} jobs"
     with broker.translated(f"submitting to {what}"):
         seqs = [confirms.publish(r.message, topology.jobs_exchange(), r.pool, mandatory=True)
                 for r in batch]
         for seq in seqs:
             confirms.wait_for(seq)
-    if returned:
-        lost = sorted({r.pool for r in batch if any(f"key {r.pool!r}" in d for d in returned)})
-        pool = lost[0] if lost else batch[0].pool
+    lost = sorted({r.pool for r in batch if r.job_id in returned})
+    if lost:
+        pool = lost[0]
         raise UnroutableError(
             f"no pool {pool!r}: no queue is bound to {topology.jobs_exchange()} "
             f"with key {pool!r} (start a worker with --pool {pool})")

@@ -165,7 +165,7 @@ class JobFlow(NodeBase):
                                   hold_reason=reason if held else None, **result)
         self.runner.cleanup(job)
         if not self._claim_mode:
-            self._update_prefetch(lower=request.spec.resources.cpus > 1)
+            self._unblock_prefetch()
         self._start_waiting()
 
     def _start_waiting(self) -> None:

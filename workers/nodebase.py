@@ -173,26 +173,30 @@ class NodeBase:
         extra: int = sum(a.request.spec.resources.cpus - 1 for a in self.running.values())
         # A finished job keeps its delivery unacked until its final reply is confirmed
         # (a disk write away for a persistent reply), but no longer needs its slot: it
-        # must not hold back the next job's delivery meanwhile. The prefetch rises as a
-        # job finishes and falls back once no result awaits a confirm (not at each
-        # confirm: in a busy stream that would be a qos frame a job for nothing).
+        # must not hold back the next job's delivery meanwhile.
         settling = sum(1 for a in self.finishing.values() if a.delivery_tag is not None)
         return max(1, self.machine.cpus - extra) + settling
 
-    def _update_prefetch(self, *, lower: bool = True) -> None:
-        """Tell the broker the prefetch the node's slots allow now, without waiting.
+    def _update_prefetch(self) -> None:
+        """Tell the broker the prefetch the node's slots allow now, if it changed.
 
-        Sent only when it changes, and without waiting for ``qos-ok`` (py-amqp ignores
-        an unsolicited one): the loop never blocks on a round trip for it. With
-        ``lower=False`` (a job just finished) it only rises, and only once the jobs
-        held unacked would otherwise stop the broker from delivering the next one.
+        Sent without waiting for ``qos-ok`` (py-amqp ignores an unsolicited one): the
+        loop never blocks on a round trip for it.
         """
         want = self._prefetch()
-        if want == self._prefetch_sent or (not lower and (
-                want < self._prefetch_sent or self._unacked() < self._prefetch_sent)):
-            return
-        self._channel().send_method(spec.Basic.Qos, "lBb", (0, want, True))
-        self._prefetch_sent = want
+        if want != self._prefetch_sent:
+            self._channel().send_method(spec.Basic.Qos, "lBb", (0, want, True))
+            self._prefetch_sent = want
+
+    def _unblock_prefetch(self) -> None:
+        """Raise the prefetch, if the unacked jobs awaiting a confirm now block deliveries.
+
+        Called as a job finishes. The loop lowers it again once no result awaits a
+        confirm, not at each confirm: in a busy stream that would be a qos frame a
+        job for nothing; one job at a time, nothing blocks and no frame goes out.
+        """
+        if self._unacked() >= self._prefetch_sent and self._prefetch() > self._prefetch_sent:
+            self._update_prefetch()
 
     def _unacked(self) -> int:
         held = (*self.running.values(), *self.finishing.values(), *self.waiting)
@@ -210,10 +214,6 @@ class NodeBase:
         self.waiting.clear()
 
     def _drop_connection(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.release()
-            except Exception:
-                log.debug("error while releasing a broken connection", exc_info=True)
+        broker.release_quietly(self._conn)
         self._conn = None
         self._replies_now = None
