@@ -18,7 +18,7 @@ import amqp.exceptions
 import kombu
 import kombu.exceptions
 
-from dispatch import topology
+from dispatch import topology, transport
 from dispatch.errors import (
     BrokerError,
     BrokerUnreachableError,
@@ -44,7 +44,8 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 def connect(url: str, *, heartbeat_s: int = DEFAULT_HEARTBEAT_S,
             connect_timeout_s: float = 10.0) -> kombu.Connection:
     """Open a connection with heartbeats on; raise BrokerUnreachableError when none can be made."""
-    conn = kombu.Connection(url, heartbeat=heartbeat_s, connect_timeout=connect_timeout_s)
+    conn = kombu.Connection(url, heartbeat=heartbeat_s, connect_timeout=connect_timeout_s,
+                            transport=transport.for_url(url))
     try:
         conn.ensure_connection(max_retries=0)  # one try: callers own their retry policy
     except CONNECTION_ERRORS as exc:

@@ -20,6 +20,7 @@ from dispatch.archive import (
     is_zip,
     safe_extract,
     zip_directory,
+    zip_flat_directory,
     zip_paths,
 )
 from dispatch.errors import ArchiveError
@@ -105,8 +106,46 @@ def count_writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
 
 def test_the_public_api_is_exported() -> None:
     public = {"ZIP_CONTENT_TYPE", "ExtractLimits", "Extracted", "is_zip", "safe_extract"}
-    assert set(archive.__all__) == public | {"zip_directory", "zip_paths"}
+    assert set(archive.__all__) == public | {"FlatZip", "zip_directory", "zip_flat_directory",
+                                             "zip_paths"}
     assert ZIP_CONTENT_TYPE == "application/zip"
+
+
+def test_a_flat_directory_zips_in_one_pass_to_the_same_bytes_as_zipfile(tmp_path: Path) -> None:
+    (tmp_path / "job.out").write_bytes(b"")
+    (tmp_path / "job.err").write_bytes(b"warning\n")
+    (tmp_path / "big.bin").write_bytes(os.urandom(3000) + b"a" * 20000)  # deflated
+    (tmp_path / "h\u00e9llo.txt").write_bytes(b"x" * 5000)  # a UTF-8 name
+    (tmp_path / "run.sh").write_bytes(b"#!/bin/sh\n")
+    (tmp_path / "run.sh").chmod(0o755)
+    (tmp_path / "link").symlink_to("/etc/passwd")  # left out, as links always are
+    os.mkfifo(tmp_path / "fifo")  # left out, never opened
+    flat = zip_flat_directory(tmp_path, MiB)
+    assert flat is not None
+    assert flat.data == zip_directory(tmp_path)
+    assert set(flat.names) == {p.name for p in tmp_path.iterdir()}
+    with zipfile.ZipFile(io.BytesIO(flat.data)) as zf:
+        assert zf.testzip() is None
+        assert zf.read("big.bin") == (tmp_path / "big.bin").read_bytes()
+        assert zf.read("h\u00e9llo.txt") == b"x" * 5000
+        assert stat.S_IMODE(zf.getinfo("run.sh").external_attr >> 16) == 0o755
+        assert "link" not in zf.namelist() and "fifo" not in zf.namelist()
+
+
+def test_an_empty_directory_zips_to_an_empty_archive(tmp_path: Path) -> None:
+    flat = zip_flat_directory(tmp_path, MiB)
+    assert flat is not None and flat.names == ()
+    assert flat.data == zip_directory(tmp_path) and is_zip(flat.data)
+
+
+def test_a_directory_with_a_subdirectory_or_too_much_data_is_left_to_zipfile(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "data").write_bytes(b"y" * 1000)
+    assert zip_flat_directory(tmp_path, 999) is None
+    assert zip_flat_directory(tmp_path, 1000) is not None
+    (tmp_path / "sub").mkdir()
+    assert zip_flat_directory(tmp_path, MiB) is None
 
 
 def test_a_tree_with_nested_and_empty_dirs_and_an_executable_file_round_trips(

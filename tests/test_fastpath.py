@@ -68,6 +68,33 @@ def test_an_unknown_command_exits_127_with_the_reason_in_stderr(worker, client, 
     assert "no-such-program-xyz" in (tmp_path / "job.err").read_text()
 
 
+@pytest.fixture
+def plain_file():
+    """A readable file without execute bits, in a directory every account may enter."""
+    where = Path(tempfile.mkdtemp(prefix="dispatch-plain.", dir="/var/tmp"))
+    where.chmod(0o755)
+    path = where / "notes.txt"
+    path.write_text("not a program\n")
+    path.chmod(0o644)
+    yield str(path)
+    shutil.rmtree(where, ignore_errors=True)
+
+
+@pytest.mark.parametrize(("command", "code", "why"), [
+    ("/no/such/program", 127, "No such file or directory"),
+    ("PLAIN", 126, "Permission denied"),  # not executable
+    ("/usr", 126, "Permission denied"),  # a directory
+])
+def test_a_named_file_that_cannot_run_exits_126_or_127_saying_why(worker, client, pool, tmp_path,
+                                                                   plain_file, command, code, why):
+    command = plain_file if command == "PLAIN" else command
+    result = client.submit(JobSpec(command, pool=pool)).wait(timeout_s=30)
+    assert result.exit_code == code
+    result.extract(tmp_path)
+    err = (tmp_path / "job.err").read_text()
+    assert command in err and why in err
+
+
 def test_the_time_limit_kills_the_whole_process_tree(worker, client, pool, tmp_path):
     # The job starts a grandchild in a new session (out of the job's process group),
     # then both sleep; the limit must reach both.

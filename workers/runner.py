@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
+import itertools
 import logging
 import os
 import pwd
 import shutil
 import signal
-import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,8 @@ class RunningJob:
         self.kill_grace_s = kill_grace_s
         self.killed_at: float | None = None
         self.removed = False
+        #: The working directory's entries when its archive was made (plain files only).
+        self.listing: tuple[str, ...] | None = None
         self._pidfd: int | None = None
         if proc.pid:
             try:
@@ -189,13 +192,16 @@ class Runner:
         self.kill_grace_s = kill_grace_s
         self.extract_limits = extract_limits or ExtractLimits()
         workdir_root.mkdir(parents=True, exist_ok=True)
+        self._root_prefix = f"{os.path.abspath(workdir_root)}/"
+        self._tag = f"{os.getpid():x}-"
+        self._serial = itertools.count(1)
 
     def prepare(self, request: JobRequest, body: bytes) -> Path:
         """Make the job's fresh working directory and unpack its inputs there.
 
         Raises InvalidMessageError when the inputs are unsafe or ``In`` is missing.
         """
-        workdir = Path(tempfile.mkdtemp(prefix=f"{request.job_id[:40]}.", dir=self.workdir_root))
+        workdir = self._new_workdir(request.job_id)
         try:
             if body:
                 try:
@@ -213,6 +219,20 @@ class Runner:
             raise
         return workdir
 
+    def _new_workdir(self, job_id: str) -> Path:
+        """Make an empty directory, mode 0700, named after the job and unique in the root.
+
+        The root is this node's alone, so a serial number does what mkdtemp's random
+        names do in a shared /tmp; names left by an earlier run are stepped over.
+        """
+        while True:
+            path = f"{self._root_prefix}{job_id[:40]}.{self._tag}{next(self._serial)}"
+            try:
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                continue
+            return Path(path)
+
     def start(self, request: JobRequest, workdir: Path, *,
               extra_env: Mapping[str, str] | None = None) -> RunningJob:
         """Start the job's process in ``workdir``; a command that cannot run exits 126/127.
@@ -222,23 +242,23 @@ class Runner:
         spec = request.spec
         env = job_environment(request, workdir)
         env.update(extra_env or {})
-        out = _open_output(workdir / spec.stdout, self.run_as)
-        err = out if spec.stderr == spec.stdout else _open_output(workdir / spec.stderr,
+        out = _open_output(workdir, spec.stdout, self.run_as)
+        err = out if spec.stderr == spec.stdout else _open_output(workdir, spec.stderr,
                                                                  self.run_as)
         stdin = (os.open(workdir / spec.stdin, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                 if spec.stdin else os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+                 if spec.stdin else None)
         argv = [spec.command, *spec.arguments]
         proc: Process
         try:
-            proc = spawn(argv, cwd=workdir, env=env, stdin=stdin, stdout=out, stderr=err,
-                         account=self.run_as)
+            proc = spawn(argv, cwd=workdir, env=env, stdin=_devnull() if stdin is None else stdin,
+                         stdout=out, stderr=err, account=self.run_as)
         except OSError as exc:
             code = 127 if isinstance(exc, FileNotFoundError) else 126
             os.write(err, f"dispatch: cannot run {spec.command!r}: {exc.strerror}\n".encode())
             log.info("job %s: cannot run %r: %s", request.job_id, spec.command, exc)
             proc = FailedStart(code)
         finally:
-            for fd in {stdin, out, err}:
+            for fd in {out, err} if stdin is None else {stdin, out, err}:
                 os.close(fd)
         return RunningJob(request, workdir, proc, self.kill_grace_s)
 
@@ -249,11 +269,26 @@ class Runner:
 
     def cleanup(self, job: RunningJob) -> None:
         """Remove the job's working directory (after its reply is on its way)."""
-        remove_tree(job.workdir)
+        remove_tree(job.workdir, job.listing)
 
 
-def remove_tree(path: Path) -> None:
-    """Remove a job directory: flat ones with a few syscalls, anything else with rmtree."""
+def remove_tree(path: Path, names: Sequence[str] | None = None) -> None:
+    """Remove a job directory: flat ones with a few syscalls, anything else with rmtree.
+
+    ``names`` are the directory's entries, all plain files, when the caller has just
+    listed it; anything that appeared since makes ``rmdir`` fail and rmtree take over.
+    """
+    if names is not None:
+        base = str(path)
+        try:
+            for name in names:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{base}/{name}")
+            os.rmdir(base)
+            return
+        except OSError:
+            shutil.rmtree(path, ignore_errors=True)
+            return
     try:
         with os.scandir(path) as entries:
             for entry in entries:
@@ -285,8 +320,15 @@ def job_environment(request: JobRequest, workdir: Path) -> dict[str, str]:
     return env
 
 
-def _open_output(path: Path, run_as: RunAs | None) -> int:
-    if not path.parent.exists():  # Out/Err may name a subdirectory
+@functools.cache
+def _devnull() -> int:
+    """Return this process's descriptor of /dev/null, every job's stdin without ``In``."""
+    return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+
+def _open_output(workdir: Path, name: str, run_as: RunAs | None) -> int:
+    path = workdir / name
+    if "/" in name and not path.parent.exists():  # Out/Err may name a subdirectory
         path.parent.mkdir(parents=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o644)

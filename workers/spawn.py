@@ -74,6 +74,8 @@ def spawn(argv: list[str], *, cwd: Path, env: dict[str, str], stdin: int, stdout
         try:
             pid = _posix_spawn(resolve(argv[0], env.get("PATH", ""), cwd), argv, env, actions)
         except FileNotFoundError:
+            if "/" in argv[0]:
+                raise
             _which.cache_clear()  # the command moved since it was looked up: look again, once
             pid = _posix_spawn(resolve(argv[0], env.get("PATH", ""), cwd), argv, env, actions)
     finally:
@@ -90,10 +92,8 @@ def _posix_spawn(path: str, argv: list[str], env: dict[str, str],
 
 def resolve(command: str, search_path: str, cwd: Path) -> str:
     """Return the file ``command`` names: relative to ``cwd`` when it has a slash, else on PATH."""
-    if "/" in command:
-        path = command if command.startswith("/") else str(cwd / command)
-        _check_executable(path)
-        return path
+    if "/" in command:  # posix_spawn itself says why a named file cannot run
+        return command if command.startswith("/") else str(cwd / command)
     found = _which(command, search_path)
     if found is None:
         raise FileNotFoundError(2, "No such file or directory", command)

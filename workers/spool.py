@@ -14,6 +14,7 @@ same job id gets ``<job id>.2.zip`` and so on; nothing is overwritten.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from dispatch.archive import zip_directory_to
+from dispatch.archive import zip_directory_to, zip_flat_directory
 from dispatch.chunks import Splitter
 from workers.runner import RunningJob
 
@@ -34,6 +35,8 @@ __all__ = ["Packed", "Spool"]
 
 _SAFE_STEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Working directories of plain files up to this size are zipped in one pass, in memory.
+FLAT_ZIP_MAX_BYTES = 1 << 20
 
 
 class Spool:
@@ -49,6 +52,10 @@ class Spool:
     def pack(self, job: RunningJob) -> Packed:
         """Zip a finished job's working directory (the job's pidfd is released first)."""
         job.close()
+        flat = zip_flat_directory(job.workdir, min(self.max_result_bytes, FLAT_ZIP_MAX_BYTES))
+        if flat is not None:
+            job.listing = flat.names  # what cleanup removes without listing it again
+            return Packed(self, io.BytesIO(flat.data), len(flat.data))
         self._ensure()
         file: IO[bytes] = tempfile.SpooledTemporaryFile(  # noqa: SIM115  # Packed closes it
             max_size=self.max_result_bytes, dir=str(self.root))

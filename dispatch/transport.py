@@ -1,0 +1,130 @@
+"""A py-amqp TCP transport that reads the socket in large pieces.
+
+py-amqp's own TCP transport reads each frame with three ``recv`` calls (the 7-byte
+header, the payload, the end octet), so a job message costs half a dozen system
+calls to take in and a confirm two or three more. This one asks the socket for
+whatever is there (up to :data:`READ_SIZE` bytes) and cuts frames from its own
+buffer: one ``recv`` for everything that has arrived.
+
+A zero timeout (a poll: "whatever has arrived") is a ``MSG_DONTWAIT`` read rather
+than two ``ioctl`` calls switching the socket to non-blocking and back.
+
+Nothing is lost to a timeout: a frame is taken from the buffer only once it is
+whole, so a partial frame simply waits in the buffer for the rest. A caller that
+waits on the socket with a selector must drain frames until a read times out before
+it selects again (the execute node does): the buffer then holds no whole frame.
+
+TLS connections keep py-amqp's own transport.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+import amqp.transport
+from amqp.exceptions import UnexpectedFrame
+from kombu.transport import pyamqp
+
+__all__ = ["BufferedTCPTransport", "KombuTransport", "for_url"]
+
+#: Bytes asked of the socket at once (a frame larger than this is read whole).
+READ_SIZE = 65536
+_FRAME_END = 0xCE
+_HEADER = struct.Struct(">BHI")
+#: Socket errors after which the connection is still usable (py-amqp's list).
+_UNAVAILABLE = amqp.transport._UNAVAIL
+
+
+class BufferedTCPTransport(amqp.transport.TCPTransport):  # type: ignore[misc]
+    """py-amqp's TCP transport with frames cut from a read buffer."""
+
+    def _setup_transport(self) -> None:
+        super()._setup_transport()
+        self._rbuf = bytearray()
+        self._rpos = 0
+        self._recv_flags = 0
+
+    @contextmanager
+    def having_timeout(self, timeout: float | None) -> Iterator[socket.socket]:
+        """Apply ``timeout`` to reads in the block; zero means take only what is there."""
+        if timeout != 0:
+            with super().having_timeout(timeout) as sock:
+                yield sock
+            return
+        self._recv_flags = socket.MSG_DONTWAIT
+        try:
+            yield self.sock
+        finally:
+            self._recv_flags = 0
+
+    def read_frame(self, unpack: Any = None) -> tuple[int, int, bytes]:
+        """Return the next ``(frame type, channel, payload)``, reading the socket if need be.
+
+        Raises ``socket.timeout`` when the socket's timeout passes (or, non-blocking,
+        nothing is there) before a whole frame has arrived.
+        """
+        while True:
+            buf, pos = self._rbuf, self._rpos
+            if len(buf) - pos >= 7:
+                frame_type, channel, size = _HEADER.unpack_from(buf, pos)
+                end = pos + 7 + size
+                if len(buf) > end:
+                    if buf[end] != _FRAME_END:
+                        raise UnexpectedFrame(
+                            f"Received frame_end {buf[end]:#04x} while expecting 0xce")
+                    payload = bytes(buf[pos + 7:end])
+                    self._rpos = end + 1
+                    return frame_type, channel, payload
+                self._fill(end + 1 - pos)
+            else:
+                self._fill(7)
+
+    def _fill(self, frame_bytes: int) -> None:
+        """Read what the socket has (at least one byte) after compacting the buffer."""
+        if self._rpos:
+            del self._rbuf[:self._rpos]
+            self._rpos = 0
+        try:
+            data = self.sock.recv(max(READ_SIZE, frame_bytes - len(self._rbuf)),
+                                  self._recv_flags)
+        except BlockingIOError:
+            raise TimeoutError() from None  # non-blocking and nothing there yet
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            if exc.errno not in _UNAVAILABLE:
+                self.connected = False
+            raise
+        if not data:
+            self.connected = False
+            raise OSError("Server unexpectedly closed connection")
+        self._rbuf += data
+
+
+class _Connection(pyamqp.Connection):  # type: ignore[misc]
+    def Transport(self, host: str, connect_timeout: float | None,
+                  ssl: Any = False, read_timeout: float | None = None,
+                  write_timeout: float | None = None, **kwargs: Any) -> Any:
+        if ssl:
+            return super().Transport(host, connect_timeout, ssl, read_timeout, write_timeout,
+                                     **kwargs)
+        return BufferedTCPTransport(host, connect_timeout=connect_timeout,
+                                    read_timeout=read_timeout, write_timeout=write_timeout,
+                                    **kwargs)
+
+
+class KombuTransport(pyamqp.Transport):  # type: ignore[misc]
+    """kombu's py-amqp transport, with :class:`BufferedTCPTransport` for plain TCP."""
+
+    Connection = _Connection
+
+
+def for_url(url: str) -> type[KombuTransport] | None:
+    """Return the transport for a plain ``amqp://`` URL; None (kombu's choice) for others."""
+    scheme = urlsplit(url.split(";", 1)[0].strip()).scheme
+    return KombuTransport if scheme in ("amqp", "pyamqp") else None

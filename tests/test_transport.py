@@ -1,0 +1,107 @@
+"""The buffered AMQP transport: frames cut from one read, nothing lost to a timeout.
+
+The transport reads a real socket (one end of a socket pair); the other end plays the
+broker, writing frames whole, in pieces, or several at once.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+
+import amqp
+import pytest
+from amqp.exceptions import UnexpectedFrame
+
+from dispatch import broker, transport
+from dispatch.transport import BufferedTCPTransport
+
+
+def frame(kind: int, channel: int, payload: bytes, end: int = 0xCE) -> bytes:
+    return struct.pack(">BHI", kind, channel, len(payload)) + payload + bytes([end])
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[BufferedTCPTransport, socket.socket]]:
+    ours, theirs = socket.socketpair()
+    t = BufferedTCPTransport("127.0.0.1:5672")
+    t.sock = ours
+    t._setup_transport()
+    t.connected = True
+    yield t, theirs
+    ours.close()
+    theirs.close()
+
+
+def test_frames_that_arrive_together_are_read_with_one_recv(pair) -> None:
+    t, broker_end = pair
+    broker_end.sendall(frame(1, 1, b"method") + frame(2, 1, b"header") + frame(3, 1, b"body"))
+    assert t.read_frame() == (1, 1, b"method")
+    broker_end.close()  # whatever is still to come was read with the first frame
+    assert t.read_frame() == (2, 1, b"header")
+    assert t.read_frame() == (3, 1, b"body")
+
+
+def test_a_partial_frame_waits_through_a_timeout_and_is_read_whole_later(pair) -> None:
+    t, broker_end = pair
+    whole = frame(1, 7, b"x" * 1000)
+    broker_end.sendall(whole[:5])
+    with t.having_timeout(0), pytest.raises(socket.timeout):
+        t.read_frame()
+    broker_end.sendall(whole[5:600])
+    with t.having_timeout(0.05), pytest.raises(socket.timeout):
+        t.read_frame()
+    broker_end.sendall(whole[600:])
+    with t.having_timeout(0):
+        assert t.read_frame() == (1, 7, b"x" * 1000)
+
+
+def test_a_poll_never_switches_the_socket_to_non_blocking(pair) -> None:
+    t, _ = pair
+    t.sock.settimeout(None)
+    with t.having_timeout(0), pytest.raises(socket.timeout):
+        t.read_frame()
+    assert t.sock.gettimeout() is None  # MSG_DONTWAIT did the polling
+    assert t.connected
+
+
+def test_a_frame_larger_than_one_read_is_assembled(pair) -> None:
+    t, broker_end = pair
+    payload = bytes(range(256)) * 1024  # 256 KiB, four reads' worth
+    writer = threading.Thread(target=broker_end.sendall, args=(frame(3, 1, payload),))
+    writer.start()
+    assert t.read_frame() == (3, 1, payload)
+    writer.join()
+
+
+def test_a_closed_connection_and_a_bad_frame_end_are_errors(pair) -> None:
+    t, broker_end = pair
+    broker_end.sendall(frame(1, 1, b"ok", end=0x00))
+    with pytest.raises(UnexpectedFrame):
+        t.read_frame()
+    broker_end.close()
+    t2 = BufferedTCPTransport("127.0.0.1:5672")
+    t2.sock, t2.connected = t.sock, True
+    t2._setup_transport()
+    with pytest.raises(OSError, match="closed"):
+        t2.read_frame()
+    assert not t2.connected
+
+
+def test_plain_urls_get_the_buffered_transport_and_tls_keeps_py_amqps() -> None:
+    assert transport.for_url("amqp://u:p@host:5672//") is transport.KombuTransport
+    assert transport.for_url("amqp://a//;amqp://b//") is transport.KombuTransport
+    assert transport.for_url("amqps://u:p@host:5671//") is None
+
+
+def test_a_real_connection_uses_it(broker_url: str) -> None:
+    with broker.connect(broker_url) as conn:
+        assert isinstance(conn.connection.transport, BufferedTCPTransport)
+        channel = conn.channel()
+        name = channel.queue_declare("", exclusive=True).queue
+        for i in range(50):  # many frames in flight, read in few pieces
+            channel.basic_publish(amqp.Message(str(i)), "", name)
+        got = [channel.basic_get(name, no_ack=True).body for _ in range(50)]
+        assert got == [str(i) for i in range(50)]
