@@ -318,3 +318,26 @@ def test_an_expired_job_is_dead_lettered_by_the_broker_not_run(workers, amqp, po
     dead = dead_letter_of(amqp, "expires-fast")
     deaths = dead.properties["application_headers"]["x-death"]
     assert deaths[0]["reason"] == "expired"
+
+
+def test_a_busy_node_leaves_queued_jobs_for_other_nodes(workers, client, pool, amqp):
+    """Prefetch follows free slots: a node whose one slot is taken takes no more jobs."""
+    gate = Path(tempfile.mkdtemp(prefix="dispatch-gate.", dir="/var/tmp"))
+    gate.chmod(0o755)  # the job's account waits on it
+    try:
+        workers.start(pools=(pool,), slots=1)
+        long = client.submit(JobSpec("/bin/sh", ("-c", f"until [ -e {gate}/open ]; do "
+                                                 "sleep 0.05; done"), pool=pool))
+        first = next(long.updates(timeout_s=30))
+        assert first.state is JobState.RUNNING
+        quick = [client.submit(JobSpec("true", pool=pool)) for _ in range(2)]
+        time.sleep(0.5)  # time enough for a delivery, were one allowed
+        _, ready, _ = amqp.default_channel.queue_declare(f"dispatch.pool.{pool}", passive=True)
+        assert ready == 2
+        workers.start(pools=(pool,), slots=1)
+        hosts = {h.wait(timeout_s=30).host for h in quick}
+        assert first.host not in hosts and len(hosts) == 1  # the idle node ran both
+        (gate / "open").touch()
+        assert long.wait(timeout_s=30).exit_code == 0
+    finally:
+        shutil.rmtree(gate, ignore_errors=True)
