@@ -237,6 +237,10 @@ class JobFlow(NodeBase):
             self.recent.popitem(last=False)
         if active.claimed:
             return
+        if not self._claim_mode:
+            # The prefetch this job held goes down *before* its ack: the other way round
+            # the broker would fill the freed place with a job no slot is free for.
+            self._update_prefetch()
         if ok:
             self._ack(active)
         else:

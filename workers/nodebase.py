@@ -191,9 +191,9 @@ class NodeBase:
     def _unblock_prefetch(self) -> None:
         """Raise the prefetch, if the unacked jobs awaiting a confirm now block deliveries.
 
-        Called as a job finishes. The loop lowers it again once no result awaits a
-        confirm, not at each confirm: in a busy stream that would be a qos frame a
-        job for nothing; one job at a time, nothing blocks and no frame goes out.
+        Called as a job finishes. The job's confirm lowers it again, just before the
+        job's ack (see ``JobFlow._settled``); one job at a time, nothing blocks and no
+        frame goes out.
         """
         if self._unacked() >= self._prefetch_sent and self._prefetch() > self._prefetch_sent:
             self._update_prefetch()
