@@ -7,7 +7,10 @@ whatever is there (up to :data:`READ_SIZE` bytes) and cuts frames from its own
 buffer: one ``recv`` for everything that has arrived.
 
 A zero timeout (a poll: "whatever has arrived") is a ``MSG_DONTWAIT`` read rather
-than two ``ioctl`` calls switching the socket to non-blocking and back.
+than two ``ioctl`` calls switching the socket to non-blocking and back, and no timeout
+is applied at all while a whole frame waits in the buffer. (The one consequence: a
+``basic_publish(timeout=...)`` made while a frame is buffered writes without that
+timeout; Dispatch never passes one.)
 
 Nothing is lost to a timeout: a frame is taken from the buffer only once it is
 whole, so a partial frame simply waits in the buffer for the rest. A caller that
@@ -51,7 +54,14 @@ class BufferedTCPTransport(amqp.transport.TCPTransport):  # type: ignore[misc]
 
     @contextmanager
     def having_timeout(self, timeout: float | None) -> Iterator[socket.socket]:
-        """Apply ``timeout`` to reads in the block; zero means take only what is there."""
+        """Apply ``timeout`` to reads in the block; zero means take only what is there.
+
+        With a whole frame already buffered the next read needs no socket, so the
+        socket's mode is left alone (py-amqp switches it there and back each frame).
+        """
+        if timeout is None or self._whole_frame_buffered():
+            yield self.sock
+            return
         if timeout != 0:
             with super().having_timeout(timeout) as sock:
                 yield sock
@@ -61,6 +71,13 @@ class BufferedTCPTransport(amqp.transport.TCPTransport):  # type: ignore[misc]
             yield self.sock
         finally:
             self._recv_flags = 0
+
+    def _whole_frame_buffered(self) -> bool:
+        buf, pos = self._rbuf, self._rpos
+        if len(buf) - pos < 7:
+            return False
+        _, _, size = _HEADER.unpack_from(buf, pos)
+        return len(buf) > pos + 7 + size
 
     def read_frame(self, unpack: Any = None) -> tuple[int, int, bytes]:
         """Return the next ``(frame type, channel, payload)``, reading the socket if need be.

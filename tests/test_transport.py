@@ -67,6 +67,20 @@ def test_a_poll_never_switches_the_socket_to_non_blocking(pair) -> None:
     assert t.connected
 
 
+def test_a_buffered_frame_is_read_without_touching_the_socket(pair) -> None:
+    t, broker_end = pair
+    t.sock.settimeout(None)
+    broker_end.sendall(frame(1, 1, b"one") + frame(1, 1, b"two"))
+    with t.having_timeout(5.0):
+        assert t.read_frame() == (1, 1, b"one")
+    with t.having_timeout(5.0) as sock:
+        assert sock.gettimeout() is None  # "two" is buffered: no timeout to set
+        assert t.read_frame() == (1, 1, b"two")
+    with t.having_timeout(0.05), pytest.raises(socket.timeout):
+        t.read_frame()  # nothing buffered: the timeout applies
+    assert t.sock.gettimeout() is None
+
+
 def test_a_frame_larger_than_one_read_is_assembled(pair) -> None:
     t, broker_end = pair
     payload = bytes(range(256)) * 1024  # 256 KiB, four reads' worth
