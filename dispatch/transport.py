@@ -76,7 +76,7 @@ class BufferedTCPTransport(amqp.transport.TCPTransport):  # type: ignore[misc]
         buf, pos = self._rbuf, self._rpos
         if len(buf) - pos < 7:
             return False
-        _, _, size = _HEADER.unpack_from(buf, pos)
+        size: int = _HEADER.unpack_from(buf, pos)[2]
         return len(buf) > pos + 7 + size
 
     def read_frame(self, unpack: Any = None) -> tuple[int, int, bytes]:
