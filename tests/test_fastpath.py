@@ -278,8 +278,10 @@ def test_finished_jobs_leave_no_working_directories_behind(workers, client, pool
     root.chmod(0o755)  # the unprivileged job account must reach its directories
     try:
         proc = workers.start("--workdir-root", str(root), pools=(pool,))
-        handles = [client.submit(JobSpec("sh", ("-c", "mkdir -p a/b && echo x > a/b/f"),
-                                         pool=pool)) for _ in range(20)]
+        scripts = ["mkdir -p a/b && echo x > a/b/f",  # zipped by zipfile, removed by rmtree
+                   "echo x > f; ln -s f link; mkfifo p"]  # zipped in one pass, listing reused
+        handles = [client.submit(JobSpec("sh", ("-c", scripts[i % 2]), pool=pool))
+                   for i in range(20)]
         assert {h.wait(timeout_s=30).exit_code for h in handles} == {0}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
@@ -341,3 +343,17 @@ def test_a_busy_node_leaves_queued_jobs_for_other_nodes(workers, client, pool, a
         assert long.wait(timeout_s=30).exit_code == 0
     finally:
         shutil.rmtree(gate, ignore_errors=True)
+
+
+def test_removing_a_job_directory_copes_with_files_made_after_its_listing(tmp_path: Path):
+    from workers.runner import remove_tree
+
+    for late in ("late-file", "late-dir/inner"):
+        job_dir = tmp_path / late.split("/")[0] / "job"
+        job_dir.mkdir(parents=True)
+        (job_dir / "job.out").write_text("")
+        listing = ("job.out", "gone-already")  # what the zip saw, plus a file since removed
+        (job_dir / late).parent.mkdir(parents=True, exist_ok=True)
+        (job_dir / late).write_text("written after the listing")
+        remove_tree(job_dir, listing)
+        assert not job_dir.exists()
