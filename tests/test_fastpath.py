@@ -19,6 +19,7 @@ from dispatch.client import Client
 from dispatch.errors import ArchiveError, JobTimeoutError, UnroutableError
 from dispatch.job import JobSpec, JobState, JobUpdate, Resources
 from dispatch.result import JobResult
+from workers.runner import remove_tree
 
 from amqp_helpers import dead_letter_of, publish_job
 
@@ -346,8 +347,6 @@ def test_a_busy_node_leaves_queued_jobs_for_other_nodes(workers, client, pool, a
 
 
 def test_removing_a_job_directory_copes_with_files_made_after_its_listing(tmp_path: Path):
-    from workers.runner import remove_tree
-
     for late in ("late-file", "late-dir/inner"):
         job_dir = tmp_path / late.split("/")[0] / "job"
         job_dir.mkdir(parents=True)
