@@ -184,6 +184,7 @@ def test_flower_lists_finished_jobs_as_tasks_and_the_node_as_a_worker(
     assert info["stats"]["total"] == {"echo": 1, "fails-on-purpose": 1}
     assert info["stats"]["pool"]["max-concurrency"] == 2
     assert "password" not in json.dumps(info["stats"]["broker"])
+    assert info["stats"]["broker"]["transport"] == "amqp"  # named as the URL names it
     queue = info["active_queues"][0]
     assert queue["name"] == topology.pool_queue(stack.pool)
     assert queue["exchange"]["name"] == topology.jobs_exchange()

@@ -196,7 +196,10 @@ def _event_body(message: Any) -> dict[str, Any]:
 
 def _broker_info(conn: kombu.Connection) -> dict[str, Any]:
     """Return what Flower's worker page shows of the broker (never the password)."""
-    return {"transport": conn.transport_cls, "hostname": conn.hostname, "port": conn.port,
+    # A transport given as a class (Dispatch's buffered one) is named as its URL names it.
+    transport = conn.transport_cls
+    name = transport if isinstance(transport, str) else conn.transport.driver_type
+    return {"transport": name, "hostname": conn.hostname, "port": conn.port,
             "virtual_host": conn.virtual_host, "userid": conn.userid,
             "heartbeat": conn.heartbeat, "ssl": bool(conn.ssl)}
 
