@@ -24,7 +24,7 @@ import kombu
 
 from dispatch import broker, headers, submitting, topology
 from dispatch.chunks import ChunkError, Gatherer
-from dispatch.errors import InvalidMessageError
+from dispatch.errors import BrokerUnreachableError, InvalidMessageError
 from dispatch.handle import JobHandle
 from dispatch.job import ArrayPlace, JobSpec, JobUpdate
 from dispatch.result import JobResult
@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 ACCEPT = ["application/zip", "application/octet-stream"]
 _POLL_S = 0.2
 _ATTEMPTS_KEPT = 100_000
+#: What a publish raises when the connection is gone (broker.translated turns the
+#: library's errors into BrokerUnreachableError).
+_CONNECTION_LOST: tuple[type[BaseException], ...] = (BrokerUnreachableError,
+                                                    *broker.CONNECTION_ERRORS)
 
 
 class Client:
@@ -137,7 +141,7 @@ class Client:
             try:
                 with self._lock:
                     submitting.publish_batch(self._confirms, self._returned, window)
-            except broker.CONNECTION_ERRORS:
+            except _CONNECTION_LOST:
                 if retried:  # a window in doubt is published again: at least once
                     raise
                 retried = True

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from dispatch.errors import UnroutableError
 from dispatch.job import JobSpec, JobState
 
 pytestmark = pytest.mark.timeout(120)
@@ -44,3 +45,22 @@ def test_a_job_that_ends_while_the_broker_is_down_runs_once(rabbitmq_proc, worke
     result = handle.wait(timeout_s=60)
     assert result.state is JobState.EXITED and result.exit_code == 0
     assert client.next_update([handle.job_id], timeout_s=3) is None
+
+
+def test_a_client_idle_through_a_broker_restart_submits_on_a_new_connection(
+        rabbitmq_proc, worker, client, pool):
+    assert client.submit(JobSpec("true", pool=pool)).wait(timeout_s=30).exit_code == 0
+    _restart_broker(rabbitmq_proc)
+    # Nothing has read the dead connection since: the submit itself finds it gone,
+    # reconnects and publishes again.
+    deadline = time.monotonic() + 30
+    worker_back = False
+    while not worker_back:  # the node needs a moment to bind its pool again
+        try:
+            handle = client.submit(JobSpec("echo", ("again",), pool=pool))
+            worker_back = True
+        except UnroutableError:  # the pool is unknown until the node is back
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    assert handle.wait(timeout_s=60).exit_code == 0
