@@ -156,7 +156,9 @@ class ExecuteNode(NodeDuties):
             while self.inbox:
                 self._receive(self.inbox.popleft())
             if not self.finishing and not self._claim_mode:
-                self._update_prefetch()  # lowered once no result awaits its confirm
+                # JobFlow._settled lowers it before each ack; this catches a job that
+                # settled without (one claimed while a ledger still listened).
+                self._update_prefetch()
             if time.monotonic() >= self._next_heartbeat:
                 self._heartbeat()
             if self._finished(cancelled):
