@@ -34,6 +34,8 @@ __all__ = ["ExecuteNode", "NodeConfig"]
 
 ACCEPT = ["application/zip", "application/octet-stream", "application/x-msgpack"]
 BURST_QUIET_S = 0.3
+#: How often a node with running jobs makes sure its job spawner is alive.
+SPAWNER_CHECK_S = 0.5
 
 
 class ExecuteNode(NodeDuties):
@@ -75,6 +77,7 @@ class ExecuteNode(NodeDuties):
                 backoff_s = min(backoff_s * 2, 10.0)
         finally:
             self.chirp.close()
+            self.runner.close()
 
     def _idle(self, seconds: float) -> None:
         """Wait out a reconnect backoff while still enforcing running jobs' time limits."""
@@ -217,6 +220,9 @@ class ExecuteNode(NodeDuties):
         for active in list(self.running.values()):
             if active.job is not None:
                 active.job.enforce(now)
+        if self.running and now >= self._next_spawner_check:
+            self._next_spawner_check = now + SPAWNER_CHECK_S
+            self.runner.check_spawner()
 
     def _poll_without_pidfd(self) -> None:
         for active in list(self.running.values()):

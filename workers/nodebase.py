@@ -119,6 +119,7 @@ class NodeBase:
         self.orders: Orders | None = None
         self._empty_since: float | None = None
         self._next_heartbeat = 0.0
+        self._next_spawner_check = 0.0
         self._offline_sent = False
         self._claim_mode: bool | None = None
         self._prefetch_sent = 0

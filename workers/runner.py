@@ -26,6 +26,7 @@ from dispatch.archive import ExtractLimits, safe_extract, zip_directory
 from dispatch.errors import ArchiveError, InvalidMessageError
 from dispatch.job import JobRequest
 from workers.spawn import Account, Process, spawn
+from workers.spawner import HelperProcess, Spawner, SpawnerError
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,9 @@ class RunningJob:
         #: The working directory's entries when its archive was made (plain files only).
         self.listing: tuple[str, ...] | None = None
         self._pidfd: int | None = None
-        if proc.pid:
+        if isinstance(proc, HelperProcess):
+            self._pidfd = proc.pidfd
+        elif proc.pid:
             try:
                 self._pidfd = os.pidfd_open(proc.pid)
             except (AttributeError, OSError):
@@ -195,6 +198,29 @@ class Runner:
         self._root_prefix = f"{os.path.abspath(workdir_root)}/"
         self._tag = f"{os.getpid():x}-"
         self._serial = itertools.count(1)
+        self._spawner: Spawner | None = None
+        self._spawner_failed = False
+        if run_as is not None:
+            self._helper()
+
+    @property
+    def helper_pid(self) -> int | None:
+        """Return the pid of the job spawner, or None when jobs are not started through one."""
+        return self._spawner.helper_pid if self._spawner is not None else None
+
+    def check_spawner(self) -> None:
+        """Notice a job spawner that died (its jobs are killed); the next job starts another."""
+        if self._spawner is not None and not self._spawner.check():
+            log.warning("job spawner %d is gone; a new one starts with the next job",
+                        self._spawner.helper_pid)
+            self._spawner.close()
+            self._spawner = None
+
+    def close(self) -> None:
+        """Stop the job spawner, if one runs (jobs it started run on, as orphans)."""
+        if self._spawner is not None:
+            self._spawner.close()
+            self._spawner = None
 
     def prepare(self, request: JobRequest, body: bytes) -> Path:
         """Make the job's fresh working directory and unpack its inputs there.
@@ -250,8 +276,9 @@ class Runner:
         argv = [spec.command, *spec.arguments]
         proc: Process
         try:
-            proc = spawn(argv, cwd=workdir, env=env, stdin=_devnull() if stdin is None else stdin,
-                         stdout=out, stderr=err, account=self.run_as)
+            proc = self._spawn(argv, cwd=workdir, env=env,
+                               stdin=_devnull() if stdin is None else stdin, stdout=out,
+                               stderr=err)
         except OSError as exc:
             code = 127 if isinstance(exc, FileNotFoundError) else 126
             os.write(err, f"dispatch: cannot run {spec.command!r}: {exc.strerror}\n".encode())
@@ -261,6 +288,42 @@ class Runner:
             for fd in {out, err} if stdin is None else {stdin, out, err}:
                 os.close(fd)
         return RunningJob(request, workdir, proc, self.kill_grace_s)
+
+    def _spawn(self, argv: list[str], *, cwd: Path, env: dict[str, str], stdin: int,
+               stdout: int, stderr: int) -> Process:
+        if self.run_as is None:
+            return spawn(argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
+                         account=None)
+        for _ in range(2):  # a helper that died is replaced once
+            helper = self._helper()
+            if helper is None:
+                break
+            try:
+                return helper.spawn(argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout,
+                                    stderr=stderr)
+            except SpawnerError:
+                continue
+        return spawn(argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
+                     account=self.run_as)
+
+    def _helper(self) -> Spawner | None:
+        """Return the running job spawner, starting one if needed; None to fork instead."""
+        if self._spawner is not None and self._spawner.alive:
+            return self._spawner
+        if self._spawner is not None:
+            self._spawner.close()
+            self._spawner = None
+        if self._spawner_failed or self.run_as is None:
+            return None
+        try:
+            self._spawner = Spawner(self.run_as)
+        except SpawnerError as exc:
+            log.warning("%s; jobs are forked from the worker instead (slower)", exc)
+            self._spawner_failed = True
+            return None
+        log.debug("job spawner started as %s (pid %d)", self.run_as.name,
+                  self._spawner.helper_pid)
+        return self._spawner
 
     def archive(self, job: RunningJob) -> bytes:
         """Return the zip of the job's working directory."""
