@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import select
 import signal
 import subprocess
@@ -226,3 +227,27 @@ def test_a_worker_whose_helper_dies_reports_its_job_killed_and_runs_the_next(
     again.extract(tmp_path)
     assert (tmp_path / "job.out").read_text() == "nobody\n"
     assert _helper_of(worker.pid)  # a new one
+
+
+def test_a_job_the_worker_has_no_descriptor_left_to_watch_is_killed_not_left_unseen(
+        helper, jobdir):
+    out = os.open(jobdir / "out", os.O_WRONLY | os.O_CREAT, 0o644)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest_free = os.dup(0)
+    os.close(lowest_free)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # no new descriptor
+    try:
+        with pytest.raises(OSError) as no_fd:
+            helper.spawn(["sh", "-c", "echo started >> marker; sleep 30"], cwd=jobdir,
+                         env={"PATH": "/usr/bin:/bin"}, stdin=out, stdout=out, stderr=out)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        os.close(out)
+    assert no_fd.value.errno == errno.EMFILE
+    children = Path(f"/proc/{helper.helper_pid}/task/{helper.helper_pid}/children")
+    deadline = time.monotonic() + 10
+    while children.read_text().strip():  # the helper reaps it once it is killed
+        assert time.monotonic() < deadline, "the job nobody can watch is still running"
+        time.sleep(0.05)
+    assert helper.check()
+    assert _run(helper, jobdir, "true")[0] == 0

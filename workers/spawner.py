@@ -146,9 +146,15 @@ class Spawner:
             if answer["op"] == "exited":
                 self._exited[int(answer["pid"])] = int(answer["code"])
                 self._started.discard(int(answer["pid"]))
-            elif answer["op"] == "spawned" and len(fds) == 1:
-                self._started.add(int(answer["pid"]))
-                return HelperProcess(int(answer["pid"]), fds[0], self)
+            elif answer["op"] == "spawned":
+                pid = int(answer["pid"])
+                self._started.add(pid)
+                if len(fds) == 1:
+                    return HelperProcess(pid, fds[0], self)
+                for fd in fds:
+                    os.close(fd)
+                self._killed(pid)  # a job the worker cannot watch must not run unseen
+                raise OSError(errno.EMFILE, "no descriptor left to watch the job")
             elif answer["op"] == "failed":
                 raise OSError(int(answer["errno"]), str(answer["strerror"]))
 
