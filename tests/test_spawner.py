@@ -75,6 +75,15 @@ def test_the_helper_runs_jobs_as_the_account_in_their_directory_with_their_envir
     assert out.splitlines() == ["nobody", str(NOBODY.gid), str(jobdir), "hello world"]
 
 
+def test_a_job_with_a_large_non_ascii_environment_goes_through_the_helper_intact(helper, jobdir):
+    # 7 x 117 KiB as UTF-8 (each under the kernel's 128 KiB a string); as \\u escapes,
+    # 2.4 MiB: more than a request may carry
+    env = {f"BIG{i}": "é" * 60000 for i in range(7)}
+    code, out = _run(helper, jobdir, "sh", "-c", 'printf %s "$BIG0$BIG6" | wc -c',
+                     env={"PATH": "/usr/bin:/bin", **env})
+    assert (code, out.strip()) == (0, "240000")
+
+
 def test_the_helper_reports_a_job_killed_by_a_signal_as_a_negative_status(helper, jobdir):
     code, _ = _run(helper, jobdir, "sh", "-c", "kill -TERM $$")
     assert code == -signal.SIGTERM

@@ -2,9 +2,10 @@
 
 When the job runs as the worker's own user, ``os.posix_spawn`` starts it (glibc
 uses ``clone(CLONE_VM|CLONE_VFORK)``: no page tables are copied), after resolving
-the command against the *job's* PATH. When a root worker must switch to another
-account, changing IDs in the child needs a real ``fork``, which ``subprocess``
-does; that costs about a millisecond more per job (see docs/benchmarks.md).
+the command against the *job's* PATH. A root worker that switches jobs to another
+account starts them the same way from a helper already running as that account
+(:mod:`workers.spawner`); only when no helper can start does it switch IDs here, in
+a real ``fork`` made by ``subprocess`` (about 2 ms more per job; docs/benchmarks.md).
 """
 
 from __future__ import annotations

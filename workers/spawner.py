@@ -58,6 +58,7 @@ ANSWER_TIMEOUT_S = 5.0
 _FDS_PER_JOB = 3
 _FD_SPACE = socket.CMSG_SPACE(_FDS_PER_JOB * array.array("i").itemsize)
 _PR_SET_DUMPABLE = 4
+_SO_SNDBUFFORCE = 32  # Linux; not exported by the socket module
 
 
 class SpawnerError(DispatchError):
@@ -86,9 +87,12 @@ class Spawner:
 
     def __init__(self, account: Account) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for end in (ours, theirs):
-            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_MESSAGE_BYTES)
-            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, MAX_MESSAGE_BYTES)
+        # A datagram may be as large as the sender's buffer, which SO_SNDBUF caps at
+        # net.core.wmem_max (208 KiB by default); root may force it past that.
+        try:
+            ours.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, MAX_MESSAGE_BYTES)
+        except PermissionError:
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_MESSAGE_BYTES)
         self._sock = ours
         self._exited: dict[int, int] = {}
         #: Jobs started and not yet reported: killed should the helper die.
@@ -128,7 +132,9 @@ class Spawner:
         """
         if self._gone:
             raise SpawnerError("the job spawner is gone")
-        request = json.dumps({"argv": argv, "env": env, "cwd": str(cwd)}).encode()
+        # UTF-8, not \u escapes: a request stays about the size of the job's headers.
+        request = json.dumps({"argv": argv, "env": env, "cwd": str(cwd)},
+                             ensure_ascii=False).encode("utf-8", "surrogatepass")
         attached = array.array("i", (stdin, stdout, stderr))
         try:
             self._sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, attached)])
@@ -144,8 +150,7 @@ class Spawner:
                 self.close()  # a helper that stopped answering is of no more use
                 raise SpawnerError("the job spawner stopped answering")
             if answer["op"] == "exited":
-                self._exited[int(answer["pid"])] = int(answer["code"])
-                self._started.discard(int(answer["pid"]))
+                self._note_exit(answer)
             elif answer["op"] == "spawned":
                 pid = int(answer["pid"])
                 self._started.add(pid)
@@ -204,11 +209,15 @@ class Spawner:
                 os.close(fd)
             if answer is None:
                 return
-            if answer.get("op") == "exited":
-                self._exited[int(answer["pid"])] = int(answer["code"])
-                self._started.discard(int(answer["pid"]))
-                if answer["pid"] == until:
-                    return
+            if answer.get("op") == "exited" and self._note_exit(answer) == until:
+                return
+
+    def _note_exit(self, answer: dict[str, Any]) -> int:
+        """Keep a reported exit status until the job's poll asks; return the job's pid."""
+        pid = int(answer["pid"])
+        self._exited[pid] = int(answer["code"])
+        self._started.discard(pid)
+        return pid
 
     def _read(self, timeout_s: float) -> tuple[dict[str, Any] | None, list[int]]:
         """Return the next answer and the descriptors it carries; None when none came."""
@@ -295,7 +304,7 @@ def _serve_request(sock: socket.socket, selector: selectors.BaseSelector) -> boo
     try:
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) != _FDS_PER_JOB:
             raise OSError(errno.EMSGSIZE, "Message too long")
-        request = json.loads(data)
+        request = json.loads(data.decode("utf-8", "surrogatepass"))
         pid = spawn(list(request["argv"]), cwd=Path(request["cwd"]), env=dict(request["env"]),
                     stdin=fds[0], stdout=fds[1], stderr=fds[2], account=None).pid
     except OSError as exc:
