@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench import celery_side, dispatch_side, report, testbed
+from bench import celery_side, dispatch_side, minimal, report, testbed
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -28,7 +28,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="untimed jobs before each timed phase (default: 50)")
     parser.add_argument("--throughput-jobs", type=int, default=2000,
                         help="jobs in flight at once (default: 2000)")
-    parser.add_argument("--skip-celery", action="store_true", help="measure Dispatch only")
+    parser.add_argument("--skip-celery", action="store_true", help="leave Celery out")
+    parser.add_argument("--skip-floor", action="store_true",
+                        help="leave out the minimal dispatchers (bench/minimal.py)")
     parser.add_argument("--results", type=Path, default=report.RESULTS_DIR,
                         help="where the run's JSON goes (default: bench/results)")
     parser.add_argument("--keep-work", action="store_true",
@@ -71,6 +73,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         dispatch = dispatch_side.measure(url, work, **sizes)
         load["after_dispatch"] = _load()
         celery = None if args.skip_celery else celery_side.measure(url, work, **sizes)
+        load["after_celery"] = _load()
+        floor = None if args.skip_floor else minimal.measure(url, work, **sizes)
         load["end"] = _load()
     advantage = None if celery is None else report.ratios(dispatch, celery)
     return {
@@ -82,6 +86,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "sizes": sizes,
         "dispatch": dispatch,
         "celery": celery,
+        "minimal": floor,
         "advantage": advantage,
         "targets": report.targets(dispatch, advantage),
     }
@@ -101,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     path = report.write(result, args.results)
     print(report.table(result))
+    floor = report.floor_table(result)
+    if floor:
+        print("\nthe same work by a minimal dispatcher (bench/minimal.py):\n" + floor)
     print("targets:\n" + report.verdicts(result))
     print(f"load average (1/5/15 min): {result['load_average_1_5_15min']}")
     print(f"written to {path}")

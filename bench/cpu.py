@@ -39,16 +39,17 @@ def per_job_ms(before: Reading, after: Reading, jobs: int) -> dict[str, float | 
 class Meter:
     """Reads the CPU time of a broker, a worker process tree and this process."""
 
-    def __init__(self, broker_url: str, worker_pid: int) -> None:
+    def __init__(self, broker_url: str, worker_pids: int | list[int]) -> None:
         port = urlsplit(broker_url).port or 5672
         self.broker_pid = listener_pid(port)
-        self.worker_pid = worker_pid
+        self.worker_pids = [worker_pids] if isinstance(worker_pids, int) else worker_pids
 
     def read(self) -> Reading:
-        """Return the CPU seconds each has used so far."""
+        """Return the CPU seconds each has used so far (the workers' trees summed)."""
         own = os.times()
         broker = None if self.broker_pid is None else _cpu_s(self.broker_pid, children=False)
-        return Reading(broker, tree_cpu_s(self.worker_pid), own.user + own.system)
+        workers = sum(tree_cpu_s(pid) for pid in self.worker_pids)
+        return Reading(broker, workers, own.user + own.system)
 
 
 def tree_cpu_s(root: int) -> float:

@@ -83,6 +83,43 @@ def table(run: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def floor_table(run: dict[str, Any]) -> str | None:
+    """Return Dispatch beside the minimal dispatchers of ``bench.minimal``, or None.
+
+    The last column is the share of Dispatch's figure the ``protocol`` floor reaches
+    (latency: floor over Dispatch's time; throughput: Dispatch's rate over the floor's).
+    """
+    floor = run.get("minimal")
+    if not floor:
+        return None
+    d = run["dispatch"]
+    bare, proto = floor["bare"], floor["protocol"]
+
+    def row(name: str, dv: object, bv: object, pv: object, of_floor: float) -> str:
+        return f"| {name:<34} | {dv!s:>9} | {bv!s:>9} | {pv!s:>9} | {of_floor:>8.0%} |"
+
+    lines = [
+        f"| {'measure':<34} | {'Dispatch':>9} | {'bare':>9} | {'protocol':>9} | "
+        f"{'of floor':>8} |",
+        "|" + "-" * 36 + "|" + "-" * 10 + ":|" + "-" * 10 + ":|" + "-" * 10 + ":|"
+        + "-" * 9 + ":|",
+    ]
+    for key, label in (("p50_ms", "latency p50 (ms), 1 in flight"),
+                       ("p99_ms", "latency p99 (ms), 1 in flight")):
+        dv, pv = d["latency"][key], proto["latency"][key]
+        lines.append(row(label, dv, bare["latency"][key], pv, pv / dv))
+    dv, pv = d["throughput_2slot"]["jobs_per_s"], proto["throughput"]["jobs_per_s"]
+    lines.append(row("throughput (jobs/s), 2 at once", dv, bare["throughput"]["jobs_per_s"],
+                     pv, dv / pv))
+    for side, label in (("broker", "broker"), ("worker", "worker(s) and jobs"),
+                        ("client", "submitting process")):
+        dc, pc = _cpu(d["throughput_2slot"], side), _cpu(proto["throughput"], side)
+        share = pc / dc if isinstance(dc, float) and isinstance(pc, float) and dc else 0.0
+        lines.append(row(f"CPU ms/job, {label}", dc, _cpu(bare["throughput"], side), pc,
+                         share))
+    return "\n".join(lines)
+
+
 def _cpu(phase: dict[str, Any] | None, side: str) -> object:
     """One side's CPU per job in a throughput phase, or "-" when it was not measured."""
     value = ((phase or {}).get("cpu_ms_per_job") or {}).get(side)

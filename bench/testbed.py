@@ -38,8 +38,8 @@ def broker_url() -> Iterator[tuple[str, str]]:
 
 
 def wait_for_consumer(url: str, queue: str, proc: subprocess.Popen[bytes],
-                      timeout_s: float = READY_TIMEOUT_S) -> None:
-    """Block until ``queue`` exists and has a consumer; fail if ``proc`` dies first."""
+                      timeout_s: float = READY_TIMEOUT_S, consumers: int = 1) -> None:
+    """Block until ``queue`` exists and has ``consumers``; fail if ``proc`` dies first."""
     deadline = time.monotonic() + timeout_s
     with kombu.Connection(url) as conn:
         while True:
@@ -47,8 +47,8 @@ def wait_for_consumer(url: str, queue: str, proc: subprocess.Popen[bytes],
                 raise RuntimeError(f"worker exited ({proc.returncode}) before consuming {queue}")
             channel = conn.channel()
             try:
-                _, _, consumers = channel.queue_declare(queue, passive=True)
-                if consumers >= 1:
+                _, _, present = channel.queue_declare(queue, passive=True)
+                if present >= consumers:
                     return
             except amqp.exceptions.NotFound:
                 pass  # not declared yet; the broker closed this channel
@@ -72,15 +72,15 @@ def delete_queues(url: str, queues: Sequence[str]) -> None:
 
 
 def snapshot(work: Path) -> Path:
-    """Copy dispatch/, workers/ and schemas/ as they are now; return where to run workers.
+    """Copy dispatch/, workers/, schemas/ and bench/ as they are now; return where to run workers.
 
     Workers started there import the copy, so every phase measures the same code even
     while the working tree is being edited.
     """
     src = work / "src"
-    for package in ("dispatch", "workers", "schemas"):
+    for package in ("dispatch", "workers", "schemas", "bench"):
         shutil.copytree(REPO / package, src / package,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+                        ignore=shutil.ignore_patterns("__pycache__", "results"))
     return src
 
 

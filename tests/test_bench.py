@@ -54,7 +54,8 @@ def test_per_job_figures_divide_the_difference_and_keep_unknowns_unknown():
     assert cpu.per_job_ms(before, after, 1000) == {"broker": None, "worker": 2.0, "client": 0.5}
 
 
-def test_the_bench_measures_dispatch_and_celery_and_writes_its_run(broker_url, tmp_path):
+def test_the_bench_measures_dispatch_celery_and_the_floor_and_writes_its_run(broker_url,
+                                                                            tmp_path):
     env = {**os.environ, "DISPATCH_BROKER_URL": broker_url}
     run = subprocess.run(
         [sys.executable, "-m", "bench", "--latency-jobs", "20", "--warmup", "3",
@@ -72,3 +73,12 @@ def test_the_bench_measures_dispatch_and_celery_and_writes_its_run(broker_url, t
         assert used["broker"] > 0 and used["worker"] > 0 and used["client"] > 0
     assert result["dispatch"]["latency"]["jobs"] == 20
     assert set(result["advantage"]) == {"latency_p50", "latency_p99", "throughput"}
+    # Both minimal dispatchers ran every job through their two worker processes.
+    assert set(result["minimal"]) == {"bare", "protocol"}
+    for variant in result["minimal"].values():
+        assert variant["latency"]["jobs"] == 20
+        assert variant["throughput"]["jobs"] == 40 and variant["throughput"]["processes"] == 2
+        used = variant["throughput"]["cpu_ms_per_job"]
+        assert used["broker"] > 0 and used["worker"] > 0 and used["client"] > 0
+    assert "the same work by a minimal dispatcher" in run.stdout
+    assert "| throughput (jobs/s), 2 at once" in run.stdout.split("minimal dispatcher")[1]
