@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import datetime
+import subprocess
+import sys
 import time
 
 import amqp
+import pytest
 from fixtures_ledger import LedgerProcess
 from ledger_events import heartbeat, job, request
 
 from dispatch import events, headers, topology
 from dispatch.events import Event
-from dispatch.ledger import LedgerState
+from dispatch.ledger import Ledger, LedgerState
 
 
 def _job_message(job_id: str, *, reply_to: str | None = None, **hdrs: object) -> amqp.Message:
@@ -145,3 +149,41 @@ def test_the_service_keeps_its_ledger_in_postgresql_too(vhost_url, postgresql_ur
         assert (rec.owner, rec.exit_code, rec.priority) == ("guest", 4, 6)
     finally:
         service.stop()
+
+
+def test_the_service_forgets_jobs_finished_longer_ago_than_keep(vhost_url, tmp_path):
+    db_url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    now = datetime.datetime.now(datetime.UTC)
+    led = Ledger.open(db_url)
+    try:
+        for job_id, days_ago in (("old", 40), ("recent", 1)):
+            for step, event in enumerate((Event.CLAIMED, Event.EXITED)):
+                body = job(event, job_id)
+                body["at"] = (now - datetime.timedelta(days=days_ago, seconds=-step)).isoformat()
+                assert led.apply(body)
+        led.apply(job(Event.CLAIMED, "running"))  # never finished: kept however old
+    finally:
+        led.close()
+    service = LedgerProcess(vhost_url, db_url, tmp_path / "ledger.log").start("--keep", "30d")
+    try:
+        service.wait_for(lambda ledger: ledger.job("old") is None)
+        kept = service.ledger()
+        try:
+            assert {j.job_id for j in kept.jobs()} == {"recent", "running"}
+            assert kept.history("old") == [] and len(kept.history("recent")) == 2
+        finally:
+            kept.close()
+        assert "forgot 1 job(s) finished more than 30+00:00:00 ago" in service.log()
+    finally:
+        service.stop()
+
+
+@pytest.mark.parametrize(("keep", "says"), [("0", "must be longer than 0"),
+                                            ("soon", "not a duration")])
+def test_a_bad_keep_is_a_one_line_error_naming_the_option(keep, says, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "dispatch", "ledger", "--db",
+                          f"sqlite:///{tmp_path / 'l.db'}", "--keep", keep],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 2
+    assert "--keep" in run.stderr and says in run.stderr
+    assert not (tmp_path / "l.db").exists()  # refused before anything was opened

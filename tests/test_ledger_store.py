@@ -10,7 +10,7 @@ from ledger_events import T0, at, heartbeat, job, request
 from dispatch.errors import InvalidMessageError
 from dispatch.events import Event
 from dispatch.ledger import Ledger, LedgerState
-from dispatch.ledger.models import JobRow
+from dispatch.ledger.models import AttributeRow, JobRow
 from dispatch.ledger.store import default_url
 
 
@@ -138,3 +138,37 @@ def test_a_second_nodes_claim_of_the_same_attempt_moves_the_job_and_its_lease(le
     assert ledger.job("j1").host == "n2"
     with ledger.transaction() as session:
         assert session.get(JobRow, "j1").lease_renewed_at == T0 + datetime.timedelta(seconds=30)
+
+
+def test_a_purge_forgets_jobs_finished_before_the_horizon_and_keeps_the_rest(ledger):
+    # old1/old2 finished before T0+100 s; new after it; held never finished.
+    for job_id, t in (("old1", 10), ("old2", 20), ("new", 200)):
+        ledger.apply(job(Event.CLAIMED, job_id, t=t - 5))
+        ledger.apply(job(Event.ATTRIBUTE, job_id, t=t - 4))
+        ledger.apply(job(Event.EXITED, job_id, t=t))
+    ledger.apply(job(Event.CLAIMED, "held", t=0))
+    ledger.apply(job(Event.HELD, "held", t=1))
+    horizon = T0 + datetime.timedelta(seconds=100)
+
+    assert ledger.purge(horizon, batch=1) == 2  # one job per transaction: the loop goes on
+    assert ledger.job("old1") is None and ledger.job("old2") is None
+    assert ledger.history("old1") == [] and ledger.history("old2") == []
+    assert ledger.job("new").attributes == {"QpiddEndpoint": "h:1"}
+    assert len(ledger.history("new")) == 2
+    assert ledger.job("held").state is LedgerState.HELD
+    assert {j.job_id for j in ledger.jobs()} == {"new", "held"}
+    assert ledger.purge(horizon) == 0  # nothing left to forget
+    with ledger.transaction() as session:  # no attribute row of a purged job is left over
+        assert {r.job_id for r in session.query(AttributeRow)} == {"new"}
+
+
+def test_a_late_event_of_a_purged_job_does_not_bring_it_back(ledger):
+    ledger.apply(job(Event.CLAIMED, "j1", t=0))
+    ledger.apply(job(Event.EXITED, "j1", t=1))
+    assert ledger.purge(T0 + datetime.timedelta(seconds=100)) == 1
+    # A redelivered event from before the horizon is ignored ...
+    assert not ledger.apply(job(Event.EXITED, "j1", t=1))
+    assert ledger.job("j1") is None
+    # ... while a job first heard of after the horizon is recorded as usual.
+    assert ledger.apply(job(Event.CLAIMED, "j2", t=150))
+    assert ledger.job("j2").state is LedgerState.CLAIMED

@@ -14,6 +14,7 @@ from dispatch.config import DEFAULT_BROKER_URL
 from dispatch.ledger.notify import Notifier
 from dispatch.ledger.service import LedgerService, ServiceSettings
 from dispatch.ledger.store import Ledger
+from dispatch.quantity import parse_duration_s
 from dispatch.topology import check_pool_name
 
 from .submit import broker_option
@@ -35,6 +36,18 @@ def _pool(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...])
         raise click.BadParameter(str(exc)) from None
 
 
+def _keep(_ctx: click.Context, _param: click.Parameter, value: str) -> float | None:
+    if value.strip().lower() == "forever":
+        return None
+    try:
+        seconds = parse_duration_s(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if seconds <= 0:
+        raise click.BadParameter("must be longer than 0 (or 'forever')")
+    return float(seconds)
+
+
 @click.command("ledger")
 @broker_option
 @db_option
@@ -46,15 +59,20 @@ def _pool(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...])
                    "beat task dispatch.ledger.expire_leases).")
 @click.option("--batch-max", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Most messages applied in one transaction.")
+@click.option("--keep", "keep_s", default="90d", show_default=True, callback=_keep,
+              metavar="DURATION",
+              help="How long finished jobs stay in the ledger (and in 'dispatch history'), "
+                   "e.g. 30d, 12h; 'forever' keeps them all. Purged at start, then hourly.")
 def ledger_command(broker: str | None, db: str | None, pools: tuple[str, ...],
-                   lease_check_s: float, batch_max: int) -> None:
+                   lease_check_s: float, batch_max: int, keep_s: float | None) -> None:
     """Record every job and node from the event stream; re-dispatch expired leases."""
     if not logging.getLogger().handlers or logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
     admins = frozenset(a.strip() for a in os.environ.get("DISPATCH_ADMINS", "").split(",")
                        if a.strip())
     settings = ServiceSettings(broker_url=broker or DEFAULT_BROKER_URL, pools=pools,
-                               lease_check_s=lease_check_s, batch_max=batch_max, admins=admins)
+                               lease_check_s=lease_check_s, batch_max=batch_max, admins=admins,
+                               keep_s=keep_s)
     ledger = Ledger.open(db)
     notifier = Notifier(os.environ.get("DISPATCH_SMTP_URL") or None,
                         os.environ.get("DISPATCH_SMTP_FROM") or None)

@@ -32,6 +32,7 @@ from dispatch.ledger.leases import expire_leases
 from dispatch.ledger.notify import Notifier
 from dispatch.ledger.publisher import AmqpPublisher
 from dispatch.ledger.store import Ledger, check_event, utcnow
+from dispatch.quantity import format_duration
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,11 @@ class ServiceSettings:
     lease_check_s: float = 5.0
     batch_max: int = 1000
     admins: frozenset[str] = frozenset()
+    #: How long finished jobs are kept (None: for ever); purged at start, then hourly.
+    keep_s: float | None = None
+
+
+PURGE_EVERY_S = 3600.0
 
 
 @dataclass
@@ -69,6 +75,7 @@ class LedgerService:
         self._inbox: list[_Delivery] = []
         self._pools: set[str] = set()
         self._last_check = 0.0
+        self._last_purge: float | None = None
 
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set, reconnecting after broker or database failures."""
@@ -111,7 +118,22 @@ class LedgerService:
                 handled = expire_leases(self.ledger, self.publisher, utcnow())
                 if handled:
                     log.info("ledger: %d expired lease(s) handled", len(handled))
+            if drained:
+                self._purge()
             conn.heartbeat_check()
+
+    def _purge(self) -> None:
+        """Forget jobs finished longer ago than ``keep_s``: at start, then hourly."""
+        keep_s = self.settings.keep_s
+        now = time.monotonic()
+        if keep_s is None or (self._last_purge is not None
+                              and now - self._last_purge < PURGE_EVERY_S):
+            return
+        self._last_purge = now
+        removed = self.ledger.purge(utcnow() - datetime.timedelta(seconds=keep_s))
+        if removed:
+            log.info("ledger: forgot %d job(s) finished more than %s ago", removed,
+                     format_duration(keep_s))
 
     def _declare(self, channel: Any) -> None:
         channel.basic_qos(0, self.settings.batch_max, False)

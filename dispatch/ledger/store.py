@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy import Engine, create_engine, delete, event, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -66,6 +66,8 @@ class Ledger:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        #: The latest purge horizon: events older than it for unknown jobs are ignored.
+        self.forgotten_before: datetime.datetime | None = None
 
     @classmethod
     def open(cls, url: str | None = None) -> Ledger:
@@ -116,7 +118,7 @@ class Ledger:
                 check_event(body)
         result = BatchResult()
         with self.transaction() as session:
-            applier = Applier(session)
+            applier = Applier(session, self.forgotten_before)
             applier.prefetch([*bodies, *({"job_id": s["properties"].get("message_id"),
                                           "event": "job.submitted"} for s in submissions)])
             for request in submissions:
@@ -124,6 +126,31 @@ class Ledger:
             result.applied = [applier.apply(body) for body in bodies]
             result.effects = applier.effects
         return result
+
+    def purge(self, before: datetime.datetime, *, batch: int = 500) -> int:
+        """Forget the jobs that finished before ``before``; return how many went.
+
+        A job goes with its attributes and state changes. Jobs not yet in a final state
+        stay however old they are (a held job is kept until it is released or removed).
+        Works ``batch`` jobs per transaction, so a large purge never holds the database
+        for long. Events that arrive later for a purged job, stamped before ``before``,
+        are ignored by this ledger rather than bringing the job back.
+        """
+        finals = [s.value for s in LedgerState if s.is_final]
+        old = select(JobRow.job_id).where(JobRow.state.in_(finals),
+                                          JobRow.finished_at < before).limit(batch)
+        if self.forgotten_before is None or before > self.forgotten_before:
+            self.forgotten_before = before
+        removed = 0
+        while True:
+            with self.transaction() as session:
+                ids = list(session.scalars(old))
+                if not ids:
+                    return removed
+                session.execute(delete(HistoryRow).where(HistoryRow.job_id.in_(ids)))
+                session.execute(delete(AttributeRow).where(AttributeRow.job_id.in_(ids)))
+                session.execute(delete(JobRow).where(JobRow.job_id.in_(ids)))
+            removed += len(ids)
 
     # -- reading --------------------------------------------------------------------
 

@@ -77,8 +77,11 @@ def dedupe_key(body: Mapping[str, Any]) -> str:
 class Applier:
     """Applies events and submissions inside one session; the caller commits."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session,
+                 forgotten_before: datetime.datetime | None = None) -> None:
         self.session = session
+        #: Finished jobs up to here were purged: a late event for one must not revive it.
+        self.forgotten_before = forgotten_before
         self.effects = Effects()
         self._jobs: dict[str, JobRow | None] = {}
         self._seen: set[str] = set()
@@ -176,7 +179,12 @@ class Applier:
         if event is not Event.ATTRIBUTE and eid in self._seen:
             return False
         job_id, attempt = str(body["job_id"]), int(body["attempt"])
-        job = self.job(job_id) or self.new_job(job_id, str(body["pool"]), attempt)
+        job = self.job(job_id)
+        if job is None and self.forgotten_before is not None and at < self.forgotten_before:
+            log.info("job %s: %s from before the purge horizon for a job not in the ledger; "
+                     "ignored", job_id, event.value)
+            return False
+        job = job or self.new_job(job_id, str(body["pool"]), attempt)
         if attempt < job.attempt:
             log.info("job %s: ignoring %s of stale attempt %d (now %d)", job_id, event.value,
                      attempt, job.attempt)
