@@ -49,6 +49,10 @@ class LedgerError(BrokerError):
     """Raised when the ledger's database cannot be opened, read or written."""
 
 
+class NodeNameInUseError(DispatchError):
+    """Raised when another execute node connected to the broker already has this name."""
+
+
 class InvalidJobError(DispatchError):
     """Raised when a job is invalid: the sender's fault, never worth a retry.
 

@@ -139,6 +139,15 @@ def node_control_queue(node: str) -> str:
 NODE_CONTROL_EXPIRES_S = 24 * 3600
 
 
+def node_name_queue(node: str) -> str:
+    """Return the exclusive queue that holds a node's name while the node is connected.
+
+    Exclusive queues belong to one connection: a second node declaring the same one is
+    refused (RESOURCE_LOCKED), so two nodes can never serve under one name.
+    """
+    return f"dispatch.node.{check_pool_name(node)}"
+
+
 def dashboard_queue() -> str:
     """Return the durable queue ``dispatch flower-feed`` reads the events it shows from."""
     return "dispatch.dashboard"

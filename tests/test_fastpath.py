@@ -356,3 +356,23 @@ def test_removing_a_job_directory_copes_with_files_made_after_its_listing(tmp_pa
         (job_dir / late).write_text("written after the listing")
         remove_tree(job_dir, listing)
         assert not job_dir.exists()
+
+
+def test_a_second_node_with_a_name_in_use_is_refused_and_takes_no_job(workers, client, pool):
+    name = f"twin-{pool}"
+    first = workers.start("--name", name, pools=(pool,))
+    # Heartbeats every 0.3 s: a lease, the grace for a previous connection, is 0.9 s.
+    twin = workers.start("--name", name, "--heartbeat-interval", "0.3", pools=(pool,),
+                         wait_for=f"dispatch.control.{name}")  # held by the first already
+    assert twin.wait(timeout=30) == 125  # EXIT_DISPATCH: an error Dispatch reports
+    log = workers.log()
+    assert f"another node is connected to the broker as '{name}'" in log
+    assert "serving" not in log  # it never consumed a pool queue
+    result = client.submit(JobSpec("hostname", pool=pool)).wait(timeout_s=30)
+    assert result.ok and result.host == name
+    # Once the first node is gone, the name is free again.
+    first.terminate()
+    assert first.wait(timeout=30) == 0
+    third = workers.start("--name", name, pools=(pool,))
+    assert client.submit(JobSpec("/bin/true", pool=pool)).wait(timeout_s=30).ok
+    assert third.poll() is None

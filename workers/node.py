@@ -17,10 +17,11 @@ import signal
 import time
 from typing import Any
 
+import amqp
 import kombu
 
 from dispatch import broker, events, topology
-from dispatch.errors import DispatchError
+from dispatch.errors import DispatchError, NodeNameInUseError
 from workers import announce
 from workers.announce import Announcer
 from workers.duties import NodeDuties
@@ -58,6 +59,7 @@ class ExecuteNode(NodeDuties):
     def run(self) -> None:
         """Serve until stopped, reconnecting with backoff whenever the broker goes away."""
         backoff_s = 0.5
+        started = time.monotonic()
         try:
             while True:
                 try:
@@ -69,6 +71,14 @@ class ExecuteNode(NodeDuties):
                         return
                     log.warning("broker connection lost (%s); reconnecting in %.1fs", exc,
                                 backoff_s)
+                except NodeNameInUseError as exc:
+                    self._drop_connection()
+                    # At start, another node has the name (or this one's last connection,
+                    # not yet timed out): give it a lease's time, then give up. Later it is
+                    # this node's own old connection, so keep trying.
+                    if not self._held_name and time.monotonic() - started > self.config.lease_s:
+                        raise
+                    log.error("%s; retrying in %.1fs", exc, backoff_s)
                 except DispatchError as exc:  # broker unreachable at (re)connect
                     if self.stopping and not self.running:
                         return
@@ -91,6 +101,7 @@ class ExecuteNode(NodeDuties):
     def _serve(self) -> None:
         conn = broker.connect(self.config.broker_url, heartbeat_s=self.config.heartbeat_s)
         self._conn = conn
+        self._hold_name(conn)
         channel = conn.default_channel
         queues = self._declare(channel)
         self._replies_now = Replies(channel, self.machine.name)
@@ -112,6 +123,20 @@ class ExecuteNode(NodeDuties):
             self._loop(conn, consumer)
         finally:
             self._selector.unregister(sock)
+
+    def _hold_name(self, conn: kombu.Connection) -> None:
+        """Take this node's name on the broker before anything else; raise if it is taken."""
+        name = self.machine.name
+        channel = conn.channel()
+        try:
+            channel.queue_declare(topology.node_name_queue(name), exclusive=True,
+                                  auto_delete=False, durable=False)
+        except amqp.exceptions.ResourceLocked:
+            raise NodeNameInUseError(
+                f"another node is connected to the broker as {name!r}; give each node its "
+                "own --name") from None
+        channel.close()
+        self._held_name = True
 
     def _declare(self, channel: Any) -> list[str]:
         cfg = self.config

@@ -114,6 +114,7 @@ class NodeBase:
         self.draining = False
         self.stop_reason = "stopped"
         self.jobs_done = 0
+        self._held_name = False  # the broker gave this node its name once
         self.started_at = events.now()
         self.last_job_at: str | None = None
         self.orders: Orders | None = None
