@@ -8,6 +8,7 @@ import resource
 import select
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -260,3 +261,53 @@ def test_a_job_the_worker_has_no_descriptor_left_to_watch_is_killed_not_left_uns
         time.sleep(0.05)
     assert helper.check()
     assert _run(helper, jobdir, "true")[0] == 0
+
+
+def _running_in(directory: Path) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            if name.isdigit() and os.readlink(f"/proc/{name}/cwd") == str(directory):
+                found.append(int(name))
+        except OSError:
+            continue
+    return found
+
+
+def test_processes_in_a_job_directory_are_killed_and_others_are_not(jobdir, tmp_path):
+    inside = subprocess.Popen(["sleep", "30"], cwd=jobdir, start_new_session=True)
+    outside = subprocess.Popen(["sleep", "30"], cwd=tmp_path, start_new_session=True)
+    try:
+        assert spawner.kill_processes_in(jobdir) == [inside.pid]
+        assert inside.wait(timeout=10) == -signal.SIGKILL
+        assert outside.poll() is None
+    finally:
+        outside.kill()
+        outside.wait()
+
+
+def test_a_helper_that_starts_a_job_and_stops_answering_leaves_no_second_run(
+        workdir_root, monkeypatch, caplog):
+    # Helpers that start the job, then hang instead of saying so: each is killed with
+    # what it started, and the job ends up started once (by fork, after two helpers).
+    root = str(Path(spawner.__file__).resolve().parent.parent)
+    hang = (f"import sys, time; sys.path.insert(0, {root!r}); import workers.spawner as s; "
+            "real = s._send; s._send = lambda sock, m, fd=None: "
+            "time.sleep(3600) if m.get('op') == 'spawned' else real(sock, m, fd); ")
+    monkeypatch.setattr(spawner, "helper_command", lambda code: [sys.executable, "-c",
+                                                                   hang + code])
+    monkeypatch.setattr(spawner, "ANSWER_TIMEOUT_S", 1.0)
+    runner = Runner(workdir_root, NOBODY, kill_grace_s=1)
+    job = None
+    try:
+        request = _request("hung", "sleep", "30")
+        job = runner.start(request, runner.prepare(request, b""))
+        assert job.proc.pid and _running_in(job.workdir) == [job.proc.pid]
+        assert caplog.text.count("job spawner stopped answering after starting") == 2
+    finally:
+        if job is not None:
+            os.killpg(job.proc.pid, signal.SIGKILL)
+            select.select([job], [], [], 10)
+            job.poll()
+            job.close()
+        runner.close()

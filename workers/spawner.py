@@ -146,8 +146,16 @@ class Spawner:
         while True:
             answer, fds = self._read(ANSWER_TIMEOUT_S)
             if answer is None:
+                # Stopped, or stuck in an exec from a hung file system: it may have
+                # started this job without saying so. Kill it, then whatever already
+                # runs in the job's fresh directory, so the retry is the only run.
                 self._lose("it stopped answering")
-                self.close()  # a helper that stopped answering is of no more use
+                self._proc.kill()
+                self.close()
+                strays = kill_processes_in(cwd)
+                if strays:
+                    log.error("job spawner stopped answering after starting %s in %s; "
+                              "killed", ", ".join(map(str, strays)), cwd)
                 raise SpawnerError("the job spawner stopped answering")
             if answer["op"] == "exited":
                 self._note_exit(answer)
@@ -258,6 +266,30 @@ class Spawner:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
         return -signal.SIGKILL
+
+
+def kill_processes_in(directory: Path) -> list[int]:
+    """SIGKILL every process whose working directory is ``directory``; return their pids.
+
+    Used for a job directory, fresh and the job's alone: whatever runs there is that job
+    (a process stuck in exec included: the kill lands before its program runs).
+    """
+    target = str(directory)
+    killed: list[int] = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            if os.readlink(f"/proc/{name}/cwd") != target:
+                continue
+            pid = int(name)
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            continue  # gone meanwhile, or not ours to see
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)  # a job leads its own process group
+        killed.append(pid)
+    return killed
 
 
 def helper_command(code: str) -> list[str]:
