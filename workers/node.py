@@ -73,6 +73,8 @@ class ExecuteNode(NodeDuties):
                                 backoff_s)
                 except NodeNameInUseError as exc:
                     self._drop_connection()
+                    if self.stopping and not self.running:
+                        return
                     # At start, another node has the name (or this one's last connection,
                     # not yet timed out): give it a lease's time, then give up. Later it is
                     # this node's own old connection, so keep trying.

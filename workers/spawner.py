@@ -274,7 +274,7 @@ def kill_processes_in(directory: Path) -> list[int]:
     Used for a job directory, fresh and the job's alone: whatever runs there is that job
     (a process stuck in exec included: the kill lands before its program runs).
     """
-    target = str(directory)
+    target = os.path.realpath(directory)  # /proc shows the resolved path
     killed: list[int] = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
