@@ -136,12 +136,12 @@ class _Client:
 
     def __init__(self, conn: kombu.Connection, queue: str, variant: str) -> None:
         self.conn = conn
-        self.protocol = "submit-confirms" in features(variant)
+        self.confirmed = "submit-confirms" in features(variant)
         self.channel = conn.channel()
         self.reply_queue = f"bench.minimal.reply.{uuid.uuid4().hex[:8]}"
         self.channel.queue_declare(self.reply_queue, durable=True, auto_delete=False,
                                    arguments={"x-expires": 3_600_000})
-        self.confirms = _Confirms(self.channel) if self.protocol else None
+        self.confirms = _Confirms(self.channel) if self.confirmed else None
         self.queue = queue
         self.finished: set[str] = set()
         self.channel.basic_qos(0, 1000, False)
@@ -165,7 +165,7 @@ class _Client:
                            correlation_id=job_id, reply_to=self.reply_queue,
                            application_headers={"Cmd": "/bin/true"})
         self.channel.basic_publish(job, exchange="", routing_key=self.queue,
-                                   mandatory=self.protocol)
+                                   mandatory=self.confirmed)
         if self.confirms is not None:
             self.confirms.published += 1
         return job_id

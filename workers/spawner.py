@@ -128,7 +128,8 @@ class Spawner:
               stdout: int, stderr: int) -> HelperProcess:
         """Start ``argv`` through the helper; raise OSError when the command cannot run.
 
-        Raises SpawnerError when the helper is gone; the job did not start then.
+        Raises SpawnerError when the helper is gone or stopped answering; the job does
+        not run then (anything a hung helper started for it is killed first).
         """
         if self._gone:
             raise SpawnerError("the job spawner is gone")
