@@ -45,8 +45,11 @@ class Client:
 
     def __init__(self, broker_url: str, *, client_id: str | None = None,
                  heartbeat_s: int = broker.DEFAULT_HEARTBEAT_S,
-                 chunk_dir: Path | None = None) -> None:
+                 chunk_dir: Path | None = None, queue_type: str | None = None) -> None:
         self.broker_url = broker_url
+        #: classic or quorum (``DISPATCH_QUEUE_TYPE`` unless given): on quorum queues a
+        #: job goes to its priority level's exchange.
+        self.queue_type = broker.queue_type_in_use(queue_type)
         self.client_id = topology.check_client_id(client_id or uuid.uuid4().hex[:16])
         self.reply_queue = topology.reply_queue(self.client_id)
         #: Where chunks of large results are gathered (one file per job attempt); a client
@@ -60,28 +63,37 @@ class Client:
         self._inbox: collections.deque[tuple[JobUpdate, int]] = collections.deque()
         self._returned: set[str] = set()  # job ids the broker could not route
         self._attempts: dict[str, int] = {}
+        #: The attempt whose final reply this client handed out, per job.
+        self._finished: dict[str, int] = {}
         self._conn: kombu.Connection | None = None
+        self._away = False  # the broker was unreachable at the last try
         self._connect()
 
     # -- connection ---------------------------------------------------------------------
 
     def _connect(self) -> None:
         conn = broker.connect(self.broker_url, heartbeat_s=self._heartbeat_s)
+        try:
+            self._set_up(conn)
+        except BaseException:
+            broker.release_quietly(conn)
+            raise
+        self._conn = conn
+        self._inbox.clear()  # unacked deliveries of a dead channel come back by themselves
+        self._refused.clear()
+        self._parts.clear()
+
+    def _set_up(self, conn: kombu.Connection) -> None:
         self.user = str(conn.userid)
         with broker.translated("declaring the reply queue"):
             channel = conn.default_channel
-            channel.exchange_declare(topology.jobs_exchange(), "direct", durable=True,
-                                     auto_delete=False)
-            broker.declare_reply_queue(channel, self.client_id)
+            broker.declare_jobs_exchanges(channel, self.queue_type)
+            broker.declare_reply_queue(channel, self.client_id, self.queue_type)
             self._confirms = broker.Confirms(channel, on_return=self._on_return)
             self._consumer = kombu.Consumer(
                 channel, queues=[kombu.Queue(self.reply_queue, no_declare=True)],
                 accept=ACCEPT, on_message=self._on_reply, no_ack=False)
             self._consumer.consume()
-        self._conn = conn
-        self._inbox.clear()  # unacked deliveries of a dead channel come back by themselves
-        self._refused.clear()
-        self._parts.clear()
 
     def _reconnect(self) -> None:
         log.warning("client %s: connection lost; reconnecting", self.client_id)
@@ -133,8 +145,8 @@ class Client:
         once, after a reconnect (at least once). On an error, the windows before it
         stay submitted.
         """
-        requests = [submitting.request(spec, reply_to=self.reply_queue, user=self.user)
-                    for spec in specs]
+        requests = [submitting.request(spec, reply_to=self.reply_queue, user=self.user,
+                                       queue_type=self.queue_type) for spec in specs]
         done, retried = 0, False
         while done < len(requests):
             window = requests[done:done + submitting.WINDOW]
@@ -223,23 +235,59 @@ class Client:
 
     def _take(self, wanted: set[str] | None,
               before_ack: Callable[[JobUpdate], None] | None) -> JobUpdate | None:
-        for i, (update, tag) in enumerate(self._inbox):
-            if wanted is None or update.job_id in wanted:
-                refused = self._refused.get(tag)
-                if before_ack is not None and refused is None:
-                    before_ack(update)
+        while True:
+            found = next(((i, update, tag) for i, (update, tag) in enumerate(self._inbox)
+                          if wanted is None or update.job_id in wanted), None)
+            if found is None:
+                return None
+            i, update, tag = found
+            if self._after_final(update):
                 del self._inbox[i]
                 self._ack(tag)
-                if refused is not None:
-                    raise refused
-                return update
-        return None
+                continue
+            refused = self._refused.get(tag)
+            if before_ack is not None and refused is None:
+                before_ack(update)
+            del self._inbox[i]
+            self._ack(tag)
+            if refused is not None:
+                raise refused
+            if update.is_final:
+                self._finished[update.job_id] = update.attempt
+                if len(self._finished) > _ATTEMPTS_KEPT:
+                    self._finished.pop(next(iter(self._finished)))
+            return update
+
+    def _after_final(self, update: JobUpdate) -> bool:
+        """Tell whether a reply belongs to an attempt whose final was already handed out.
+
+        Without a ledger a job is at-least-once: a broker restart gives a running job
+        back to the queue and another node may run it too. Its second final (and the
+        replies before it) are dropped here, so the caller sees one final result.
+        """
+        done = self._finished.get(update.job_id)
+        if done is None or update.attempt > done:
+            return False
+        log.warning("job %s: dropping a %s reply of attempt %d from %s: its final was "
+                    "already handed out", update.job_id, update.state.value, update.attempt,
+                    update.host)
+        return True
 
     def _ack(self, tag: int) -> None:
-        """Ack a reply taken; the chunks of a large result are then removed."""
+        """Ack a reply taken; the chunks of a large result are then removed.
+
+        When the connection is gone the reply comes back after the reconnect: a final
+        is then dropped as already handed out (:meth:`_after_final`).
+        """
         if self._conn is None:  # the channel died and the reply comes back
             return
-        self._conn.default_channel.basic_ack(tag)
+        try:
+            self._conn.default_channel.basic_ack(tag)
+        except broker.CONNECTION_ERRORS:
+            log.warning("client %s: connection lost while acking a reply; reconnecting",
+                        self.client_id)
+            self._release()  # the next pump connects again
+            return
         self._refused.pop(tag, None)
         part = self._parts.pop(tag, None)
         if part is not None:
@@ -263,22 +311,47 @@ class Client:
         return False
 
     def _pump(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for replies; ride out a broker that is away."""
+        if self._conn is None and not self._try_connect(timeout_s):
+            return
+        conn = self._conn
+        if conn is None:  # pragma: no cover - _try_connect sets it when it succeeds
+            return
         try:
-            conn = self._conn
-            if conn is None:
-                self._connect()
-                conn = self._conn
-            if conn is not None:
-                conn.drain_events(timeout=timeout_s)
+            conn.drain_events(timeout=timeout_s)
         except TimeoutError:
             pass
         except broker.CONNECTION_ERRORS:
-            self._reconnect()
-        if self._conn is not None:
-            try:
-                self._conn.heartbeat_check()
-            except broker.CONNECTION_ERRORS:
-                self._reconnect()
+            self._lost()
+            return
+        try:
+            conn.heartbeat_check()
+        except broker.CONNECTION_ERRORS:
+            self._lost()
+
+    def _lost(self) -> None:
+        log.warning("client %s: connection lost; reconnecting", self.client_id)
+        self._release()
+        self._try_connect(0.0)
+
+    def _try_connect(self, pause_s: float) -> bool:
+        """Connect again; if the broker is still away, pause and return False.
+
+        A client waiting for results keeps waiting while the broker restarts (its
+        replies wait in the durable reply queue): the wait's own timeout bounds it.
+        """
+        try:
+            self._connect()
+        except BrokerUnreachableError as exc:
+            if not self._away:
+                log.warning("client %s: %s; waiting for the broker", self.client_id, exc)
+            self._away = True
+            time.sleep(pause_s)
+            return False
+        if self._away:
+            log.warning("client %s: broker reachable again", self.client_id)
+        self._away = False
+        return True
 
 
 __all__ = ["Client", "JobHandle", "JobResult"]

@@ -61,11 +61,14 @@ class Tally:
     started: collections.Counter[str] = field(default_factory=collections.Counter)
     guarantee: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Where each final came from: (host, attempt) per job, for the report of a duplicate.
+    origins: dict[str, list[tuple[str | None, int]]] = field(default_factory=dict)
 
     def note(self, update: JobUpdate) -> None:
         """Count a reply if it is a final one."""
         if update.is_final:
             self.finals[update.job_id] += 1
+            self.origins.setdefault(update.job_id, []).append((update.host, update.attempt))
 
     @property
     def lost(self) -> int:
@@ -92,7 +95,9 @@ class Tally:
                 "extra_executions": self.extra_executions,
                 "never_started": len(self.confirmed - set(self.started)),
                 "unknown_finals": len(set(self.finals) - self.confirmed),
-                "guarantee": self.guarantee, **self.extra}
+                "guarantee": self.guarantee, **self.extra,
+                **({"duplicated": {j: self.origins.get(j) for j, n in self.finals.items()
+                                   if n > 1}} if self.duplicates else {})}
 
     def record(self) -> dict[str, Any]:
         """Write the figures where ``DISPATCH_FAULT_FIGURES`` says (if set); return them."""

@@ -14,6 +14,8 @@ from __future__ import annotations
 import signal
 import subprocess
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,9 +26,12 @@ import pytest
 from fault_helpers import Tally, collect_finals, counting_job, executions
 from fixtures_ledger import LedgerProcess
 
+from dispatch import headers
 from dispatch.client import Client
+from dispatch.job import JobSpec, JobState
 from dispatch.ledger.records import LedgerState
 
+from amqp_helpers import publish_job
 from conftest import Workers
 
 pytestmark = pytest.mark.timeout(180)
@@ -145,3 +150,87 @@ def _node_name(cluster: Cluster, proc: subprocess.Popen[bytes]) -> str:
     args = proc.args
     assert isinstance(args, list)
     return str(args[args.index("--name") + 1])
+
+
+# -- 2. the broker restarted under load ------------------------------------------------
+
+
+def test_a_broker_restart_with_200_jobs_queued_and_running_loses_no_final(
+        rabbitmq_proc, workers, pool, counters, broker_url, caplog):
+    """No ledger: jobs stay unacked until their final is confirmed (at-least-once)."""
+    count = counters / "restart"
+    for _ in range(2):
+        workers.start(pools=(pool,))
+    tally = Tally("broker restart, 200 jobs queued and running (no ledger, 2 nodes)",
+                  submitted=200, guarantee="at-least-once execution, exactly-once final")
+    trigger, restarted = threading.Event(), threading.Event()
+
+    def restart() -> None:
+        if not trigger.wait(timeout=120):
+            return
+        tally.extra["finals_before_restart"] = len(tally.finals)
+        rabbitmq_proc.rabbitctl_output("stop_app")
+        rabbitmq_proc.rabbitctl_output("start_app")
+        restarted.set()
+
+    thread = threading.Thread(target=restart, daemon=True)
+    thread.start()
+    with Client(broker_url) as client:
+        handles = client.submit_many([counting_job(count, pool, sleep_s=0.1)] * 200)
+        tally.confirmed = {h.job_id for h in handles}
+        # The client keeps waiting (in next_update) while another thread restarts the
+        # broker once 40 finals are in: about 160 jobs are then queued or running.
+        collect_finals(client, tally, tally.confirmed, timeout_s=150,
+                       on_final=lambda done: done >= 40 and trigger.set())
+    thread.join(timeout=60)
+    assert restarted.is_set()
+    tally.started = executions(count)
+    # A job running at the restart goes back to the queue unacked; the other node may
+    # take it and run it too. Its second final reaches the reply queue, and the client
+    # drops it as already handed out: counted here, never handed out.
+    tally.extra["second_finals_dropped_by_client"] = sum(
+        "Exited reply" in r.getMessage() and "already handed out" in r.getMessage()
+        for r in caplog.records)
+    _assert_exactly_once(tally)
+    assert tally.extra["finals_before_restart"] < 200
+
+
+# -- what the suite found in the client ------------------------------------------------
+
+
+def test_a_client_waiting_while_the_broker_is_down_gets_its_result_once_it_is_back(
+        rabbitmq_proc, worker, client, pool):
+    handle = client.submit(JobSpec("sleep", ("2",), pool=pool))
+    assert next(handle.updates(timeout_s=30)).state is JobState.RUNNING
+
+    def outage() -> None:
+        rabbitmq_proc.rabbitctl_output("stop_app")
+        time.sleep(3)  # the client is waiting all along; the job ends meanwhile
+        rabbitmq_proc.rabbitctl_output("start_app")
+
+    thread = threading.Thread(target=outage, daemon=True)
+    thread.start()
+    result = handle.wait(timeout_s=90)  # used to raise BrokerUnreachableError
+    thread.join(timeout=60)
+    assert (result.state, result.exit_code) == (JobState.EXITED, 0)
+
+
+def test_a_second_final_of_a_finished_attempt_is_dropped_not_handed_out(amqp, client):
+    def reply(job_id: str, host: str, state: JobState = JobState.EXITED,
+              attempt: int = 1) -> None:
+        env = headers.envelope({"message_id": job_id}, {"Cmd": "true"})
+        raw = headers.reply_headers(state, env, exit_code=0, host=host, attempt=attempt)
+        publish_job(amqp, client.reply_queue, raw, exchange="")
+
+    reply("twice", "n1")
+    reply("twice", "n2", JobState.RUNNING)  # the second run, on another node...
+    reply("twice", "n2")  # ...and its final
+    reply("other", "n1")
+    first = client.next_update(["twice"], timeout_s=20)
+    assert first is not None and (first.state, first.host) == (JobState.EXITED, "n1")
+    assert client.next_update(["twice"], timeout_s=1) is None
+    assert client.next_update(["other"], timeout_s=20) is not None
+    # A later attempt (the ledger sent the job out again) is news, not a duplicate.
+    reply("twice", "n3", attempt=2)
+    again = client.next_update(["twice"], timeout_s=20)
+    assert again is not None and (again.host, again.attempt) == ("n3", 2)
