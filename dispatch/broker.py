@@ -18,7 +18,7 @@ import amqp.exceptions
 import kombu
 import kombu.exceptions
 
-from dispatch import topology, transport
+from dispatch import config, topology, transport
 from dispatch.errors import (
     BrokerError,
     BrokerUnreachableError,
@@ -43,15 +43,42 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 
 def connect(url: str, *, heartbeat_s: int = DEFAULT_HEARTBEAT_S,
             connect_timeout_s: float = 10.0) -> kombu.Connection:
-    """Open a connection with heartbeats on; raise BrokerUnreachableError when none can be made."""
-    conn = kombu.Connection(url, heartbeat=heartbeat_s, connect_timeout=connect_timeout_s,
-                            transport=transport.for_url(url))
-    try:
-        conn.ensure_connection(max_retries=0)  # one try: callers own their retry policy
-    except CONNECTION_ERRORS as exc:
-        conn.release()
-        raise BrokerUnreachableError(f"cannot reach broker at {safe_url(url)}: {exc}") from exc
-    return conn
+    """Open a connection with heartbeats on; raise BrokerUnreachableError when none can be made.
+
+    ``url`` may list a cluster's nodes separated by ``;``: each is tried once, in turn,
+    starting after the one this process last connected to (so a reconnect after a node
+    is lost tries the others first, and a dead node is never the only one tried).
+    """
+    urls = cluster_urls(url)
+    start = _next_start.get(url, 0) % len(urls)
+    errors = []
+    for i in (*range(start, len(urls)), *range(start)):
+        one = urls[i]
+        conn = kombu.Connection(one, heartbeat=heartbeat_s, connect_timeout=connect_timeout_s,
+                                transport=transport.for_url(one))
+        try:
+            conn.ensure_connection(max_retries=0)  # one try a node: callers own their retries
+        except CONNECTION_ERRORS as exc:
+            conn.release()
+            errors.append(f"{safe_url(one)}: {exc}")
+            continue
+        _next_start[url] = i + 1
+        if i != start or len(urls) > 1:
+            log.info("connected to broker node %s", safe_url(one))
+        return conn
+    raise BrokerUnreachableError(f"cannot reach broker at {'; '.join(errors)}")
+
+
+#: Where the next ``connect`` to a ``;``-separated URL list starts (after the last used).
+_next_start: dict[str, int] = {}
+
+
+def cluster_urls(url: str) -> list[str]:
+    """Return the URLs of a ``;``-separated list (one URL is a list of one)."""
+    urls = [u.strip() for u in url.split(";") if u.strip()]
+    if not urls:
+        raise BrokerUnreachableError("no broker URL given")
+    return urls
 
 
 def release_quietly(conn: kombu.Connection | None) -> None:
@@ -67,6 +94,8 @@ def release_quietly(conn: kombu.Connection | None) -> None:
 def safe_url(url: str) -> str:
     """Return ``url`` with any password masked, for logs and error messages."""
     if "://" not in url:
+    if ";" in url:
+        return ";".join(safe_url(u.strip()) for u in url.split(";") if u.strip())
         return "<broker url>"
     try:
         return str(kombu.Connection(url).as_uri(include_password=False))
@@ -75,6 +104,24 @@ def safe_url(url: str) -> str:
 
 
 @contextmanager
+def queue_type_in_use(queue_type: str | None = None) -> str:
+    """Return the type Dispatch's durable queues have: ``queue_type``, else the environment's.
+
+    ``DISPATCH_QUEUE_TYPE`` (classic by default) must be the same for every client, node
+    and ledger of one broker: a queue declared as one type is refused as the other.
+    """
+    return topology.check_queue_type(queue_type or config.queue_type())
+
+
+def prefetch_is_global(queue_type: str | None = None) -> bool:
+    """Tell whether a consumer's prefetch may be shared by its channel's consumers.
+
+    Quorum queues refuse a global prefetch (the broker closes the connection at
+    ``basic.consume``): there each consumer has its own, fixed when it starts consuming.
+    """
+    return queue_type_in_use(queue_type) == topology.CLASSIC
+
+
 def translated(action: str) -> Iterator[None]:
     """Translate broker-library exceptions raised inside the block into BrokerError."""
     try:
@@ -89,23 +136,46 @@ def translated(action: str) -> Iterator[None]:
         raise BrokerUnreachableError(f"{action}: connection lost: {exc}") from exc
 
 
-def declare_pool(channel: amqp.Channel, pool: str) -> str:
-    """Declare the jobs exchange, the pool's queue and its binding; return the queue name."""
-    queue = topology.pool_queue(pool)
-    exchange = topology.jobs_exchange()
-    declare_dead_letter(channel)
-    channel.exchange_declare(exchange, "direct", durable=True, auto_delete=False)
-    channel.queue_declare(queue, durable=True, auto_delete=False,
-                          arguments=topology.pool_queue_arguments())
-    channel.queue_bind(queue, exchange, routing_key=pool)
-    return queue
+def declare_pool(channel: amqp.Channel, pool: str, queue_type: str | None = None) -> str:
+    """Declare a pool's exchanges, queues and bindings; return its (normal level's) queue."""
+    return dict(declare_pool_queues(channel, pool, queue_type))[topology.NORMAL]
 
 
-def declare_dead_letter(channel: amqp.Channel) -> None:
+
+def declare_pool_queues(channel: amqp.Channel, pool: str,
+                        queue_type: str | None = None) -> list[tuple[str, str]]:
+    """Declare every queue of a pool, bound to its level's exchange with key ``pool``.
+    Returns ``(level, queue)`` highest level first: one classic priority queue, or on
+    quorum queues one queue for each priority level.
+    """
+    kind = queue_type_in_use(queue_type)
+    declare_dead_letter(channel, kind)
+    args = topology.pool_queue_arguments(kind)
+    queues = topology.pool_queues(pool, kind)
+    for level, queue in queues:
+        exchange = topology.jobs_exchange(level)
+        channel.exchange_declare(exchange, "direct", durable=True, auto_delete=False)
+        channel.queue_declare(queue, durable=True, auto_delete=False, arguments=args)
+        channel.queue_bind(queue, exchange, routing_key=pool)
+    return queues
+
+
+def declare_jobs_exchanges(channel: amqp.Channel, queue_type: str | None = None) -> None:
+    """Declare the exchange(s) jobs are published to: one, or one a priority level."""
+    kind = queue_type_in_use(queue_type)
+    levels = topology.PRIORITY_LEVELS if kind == topology.QUORUM else (topology.NORMAL,)
+    for level in levels:
+        channel.exchange_declare(topology.jobs_exchange(level), "direct", durable=True,
+                                 auto_delete=False)
+
+
+def declare_dead_letter(channel: amqp.Channel, queue_type: str | None = None) -> None:
     """Declare the dead-letter exchange and the queue that keeps what reaches it."""
     dlx = topology.dead_letter_exchange()
     channel.exchange_declare(dlx, "fanout", durable=True, auto_delete=False)
-    channel.queue_declare(topology.dead_letter_queue(), durable=True, auto_delete=False)
+    channel.queue_declare(topology.dead_letter_queue(), durable=True, auto_delete=False,
+                          arguments=topology.dead_letter_queue_arguments(
+                              queue_type_in_use(queue_type)))
     channel.queue_bind(topology.dead_letter_queue(), dlx, routing_key="")
 
 
@@ -124,11 +194,13 @@ def declare_custom(channel: amqp.Channel, exchange: str, routing_key: str, queue
     return queue
 
 
-def declare_reply_queue(channel: amqp.Channel, client_id: str) -> str:
+def declare_reply_queue(channel: amqp.Channel, client_id: str,
+                        queue_type: str | None = None) -> str:
     """Declare a client's durable reply queue, which expires after days unused."""
     queue = topology.reply_queue(client_id)
     channel.queue_declare(queue, durable=True, auto_delete=False, exclusive=False,
-                          arguments=topology.reply_queue_arguments())
+    args = topology.reply_queue_arguments(queue_type=queue_type_in_use(queue_type))
+                          arguments=args)
     return queue
 
 

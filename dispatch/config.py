@@ -7,13 +7,16 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from dispatch.topology import DEFAULT_POOL, check_client_id
+from dispatch.topology import CLASSIC, DEFAULT_POOL, check_client_id, check_queue_type
 
 DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672//"
 
 #: Environment variables Dispatch reads, with what they mean (the README's table).
 VARIABLES = {
-    "DISPATCH_BROKER_URL": "AMQP URL of the broker (default amqp://guest:guest@localhost:5672//)",
+    "DISPATCH_BROKER_URL": "AMQP URL of the broker (default amqp://guest:guest@localhost:5672//); "
+    "for a cluster, its nodes' URLs separated by ;",
+    "DISPATCH_QUEUE_TYPE": "classic (default) or quorum: the type of the job, reply and ledger "
+    "queues; the same everywhere on one broker",
     "DISPATCH_CLIENT_ID": "this client's id; names its reply queue dispatch.reply.<id>",
     "DISPATCH_POOL": f"pool jobs go to when none is given (default {DEFAULT_POOL})",
     "DISPATCH_RESULTS_DIR": "where results are unpacked (default ./dispatch-results)",
@@ -27,6 +30,12 @@ VARIABLES = {
     "DISPATCH_SPOOL_DIR": "where a worker keeps results it could not deliver "
     "(default <workdir root>/.spool)",
 }
+
+
+def queue_type(environ: dict[str, str] | None = None) -> str:
+    """Return ``DISPATCH_QUEUE_TYPE`` (classic when unset); raise ValueError if unusable."""
+    env = os.environ if environ is None else environ
+    return check_queue_type((env.get("DISPATCH_QUEUE_TYPE") or CLASSIC).strip().lower())
 
 
 @dataclass(frozen=True)

@@ -26,15 +26,20 @@ WINDOW = 256
 
 @dataclass(frozen=True)
 class Request:
-    """One job ready to publish: its id, its pool, its message."""
+    """One job ready to publish: its id, its pool, its message, the exchange it goes to."""
 
     job_id: str
     pool: str
     message: Any
+    exchange: str = topology.jobs_exchange()
 
 
-def request(spec: JobSpec, *, reply_to: str, user: str) -> Request:
-    """Build the request message of ``spec`` (inputs zipped), replies going to ``reply_to``."""
+def request(spec: JobSpec, *, reply_to: str, user: str,
+            queue_type: str = topology.CLASSIC) -> Request:
+    """Build the request message of ``spec`` (inputs zipped), replies going to ``reply_to``.
+
+    On quorum queues the job goes to the exchange of its priority level.
+    """
     job_id = spec.job_id or uuid.uuid4().hex
     pool = topology.check_pool_name(spec.pool)
     body = zip_paths(list(spec.inputs)) if spec.inputs else b""
@@ -49,7 +54,8 @@ def request(spec: JobSpec, *, reply_to: str, user: str) -> Request:
     }
     if body:
         props["content_type"] = ZIP_CONTENT_TYPE
-    return Request(job_id, pool, broker.message(body, headers.encode_request(spec), **props))
+    return Request(job_id, pool, broker.message(body, headers.encode_request(spec), **props),
+                   topology.jobs_exchange_for(spec.priority, queue_type))
 
 
 def publish_batch(confirms: broker.Confirms, returned: set[str],
@@ -64,13 +70,13 @@ def publish_batch(confirms: broker.Confirms, returned: set[str],
     returned.clear()
     what = f"pool {batch[0].pool!r}" if len(batch) == 1 else f"{len(batch)} jobs"
     with broker.translated(f"submitting to {what}"):
-        seqs = [confirms.publish(r.message, topology.jobs_exchange(), r.pool, mandatory=True)
-                for r in batch]
+        seqs = [confirms.publish(r.message, r.exchange, r.pool, mandatory=True) for r in batch]
         for seq in seqs:
             confirms.wait_for(seq)
     lost = sorted({r.pool for r in batch if r.job_id in returned})
     if lost:
         pool = lost[0]
         raise UnroutableError(
-            f"no pool {pool!r}: no queue is bound to {topology.jobs_exchange()} "
+            f"no pool {pool!r}: no queue is bound to "
+            f"{next(r.exchange for r in batch if r.pool == pool)} "
             f"with key {pool!r} (start a worker with --pool {pool})")

@@ -10,15 +10,60 @@ from dataclasses import dataclass
 
 DEFAULT_POOL = "default"
 MAX_PRIORITY = 9
+
+#: Queue types Dispatch can declare its durable queues as (``DISPATCH_QUEUE_TYPE``).
+CLASSIC, QUORUM = "classic", "quorum"
+QUEUE_TYPES = (CLASSIC, QUORUM)
+
+#: Priority levels of a pool on quorum queues, served in this order; classic pools have
+#: one priority queue instead. A job's AMQP priority picks its level (:func:`priority_level`).
+HIGH, NORMAL, LOW = "high", "normal", "low"
+PRIORITY_LEVELS = (HIGH, NORMAL, LOW)
+#: Lowest priority of the high level, and highest of the low level (default 4 is normal).
+HIGH_FROM_PRIORITY = 7
+LOW_UP_TO_PRIORITY = 2
 REPLY_QUEUE_EXPIRES_S = 7 * 24 * 3600
 
 _POOL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
 
-def jobs_exchange() -> str:
-    """Return the durable direct exchange jobs are published to, keyed by pool."""
-    return "dispatch.jobs"
+def jobs_exchange(level: str = NORMAL) -> str:
+    """Return the durable direct exchange jobs are published to, keyed by pool.
+
+    Classic pools use only the normal level's exchange; on quorum queues each priority
+    level has its own exchange, so a job's routing key stays its pool name at every level.
+    """
+    return "dispatch.jobs" if level == NORMAL else f"dispatch.jobs.{_check_level(level)}"
+
+
+def jobs_exchange_for(priority: int, queue_type: str = CLASSIC) -> str:
+    """Return the exchange a job of AMQP ``priority`` is published to."""
+    if check_queue_type(queue_type) == CLASSIC:
+        return jobs_exchange()
+    return jobs_exchange(priority_level(priority))
+
+
+def priority_level(priority: int) -> str:
+    """Return the level of a job's AMQP priority: high from 7, low up to 2, else normal."""
+    if priority >= HIGH_FROM_PRIORITY:
+        return HIGH
+    if priority <= LOW_UP_TO_PRIORITY:
+        return LOW
+    return NORMAL
+
+
+def check_queue_type(queue_type: str) -> str:
+    """Return ``queue_type`` unchanged, or raise ValueError when Dispatch cannot use it."""
+    if queue_type not in QUEUE_TYPES:
+        raise ValueError(f"invalid queue type {queue_type!r}: use {' or '.join(QUEUE_TYPES)}")
+    return queue_type
+
+
+def _check_level(level: str) -> str:
+    if level not in PRIORITY_LEVELS:
+        raise ValueError(f"invalid priority level {level!r}")
+    return level
 
 
 def dead_letter_exchange() -> str:
@@ -31,18 +76,43 @@ def dead_letter_queue() -> str:
     return "dispatch.dead"
 
 
-def pool_queue(pool: str) -> str:
-    """Return the durable queue of a pool; it is bound to the jobs exchange with key ``pool``."""
-    return f"dispatch.pool.{check_pool_name(pool)}"
+def pool_queue(pool: str, level: str = NORMAL) -> str:
+    """Return the durable queue of a pool at a priority level (the normal one by default).
+
+    It is bound to :func:`jobs_exchange` of its level with key ``pool``. The normal level's
+    queue is the pool's only queue on classic queues; other levels are named so that no
+    pool name can collide with them (``-`` before the first ``.``).
+    """
+    check_pool_name(pool)
+    if level == NORMAL:
+        return f"dispatch.pool.{pool}"
+    return f"dispatch.pool-{_check_level(level)}.{pool}"
 
 
-def pool_queue_arguments() -> dict[str, object]:
-    """Return the queue arguments every pool queue is declared with."""
+def pool_queues(pool: str, queue_type: str = CLASSIC) -> list[tuple[str, str]]:
+    """Return ``(level, queue)`` for every queue of a pool, highest level first."""
+    if check_queue_type(queue_type) == CLASSIC:
+        return [(NORMAL, pool_queue(pool))]
+    return [(level, pool_queue(pool, level)) for level in PRIORITY_LEVELS]
+
+
+def pool_queue_arguments(queue_type: str = CLASSIC) -> dict[str, object]:
+    """Return the queue arguments every pool queue is declared with.
+
+    Quorum queues refuse ``x-max-priority`` (RabbitMQ 3.10): their priorities are levels.
+    """
+    if check_queue_type(queue_type) == QUORUM:
+        return {"x-queue-type": QUORUM, "x-dead-letter-exchange": dead_letter_exchange()}
     return {
-        "x-queue-type": "classic",
+        "x-queue-type": CLASSIC,
         "x-max-priority": MAX_PRIORITY,
         "x-dead-letter-exchange": dead_letter_exchange(),
     }
+
+
+def dead_letter_queue_arguments(queue_type: str = CLASSIC) -> dict[str, object] | None:
+    """Return the dead-letter queue's arguments (none on classic, as it always was)."""
+    return {"x-queue-type": QUORUM} if check_queue_type(queue_type) == QUORUM else None
 
 
 def reply_queue(client_id: str) -> str:
@@ -50,9 +120,10 @@ def reply_queue(client_id: str) -> str:
     return f"dispatch.reply.{check_client_id(client_id)}"
 
 
-def reply_queue_arguments(expires_s: int = REPLY_QUEUE_EXPIRES_S) -> dict[str, object]:
+def reply_queue_arguments(expires_s: int = REPLY_QUEUE_EXPIRES_S,
+                          queue_type: str = CLASSIC) -> dict[str, object]:
     """Return the arguments of a reply queue: it outlives its client, but not for ever."""
-    return {"x-queue-type": "classic", "x-expires": expires_s * 1000}
+    return {"x-queue-type": check_queue_type(queue_type), "x-expires": expires_s * 1000}
 
 
 def check_pool_name(pool: str) -> str:
@@ -126,9 +197,10 @@ def ledger_submitted_queue() -> str:
     return "dispatch.ledger.submitted"
 
 
-def ledger_queue_arguments() -> dict[str, object]:
+def ledger_queue_arguments(queue_type: str = CLASSIC) -> dict[str, object]:
     """Return the arguments of the ledger's queues: what it cannot read is dead-lettered."""
-    return {"x-queue-type": "classic", "x-dead-letter-exchange": dead_letter_exchange()}
+    return {"x-queue-type": check_queue_type(queue_type),
+            "x-dead-letter-exchange": dead_letter_exchange()}
 
 
 def node_control_queue(node: str) -> str:
@@ -143,7 +215,8 @@ def node_name_queue(node: str) -> str:
     """Return the exclusive queue that holds a node's name while the node is connected.
 
     Exclusive queues belong to one connection: a second node declaring the same one is
-    refused (RESOURCE_LOCKED), so two nodes can never serve under one name.
+    refused (RESOURCE_LOCKED), so two nodes can never serve under one name. It is a
+    classic queue whatever ``DISPATCH_QUEUE_TYPE`` says: quorum queues cannot be exclusive.
     """
     return f"dispatch.node.{check_pool_name(node)}"
 

@@ -111,7 +111,8 @@ class ExecuteNode(NodeDuties):
         self._claim_mode = None
         self._rebind_running()
         self._prefetch_sent = self._prefetch()
-        channel.basic_qos(0, self._prefetch_sent, True)
+        # Quorum queues refuse a channel-wide prefetch: there each consumer has its own.
+        channel.basic_qos(0, self._prefetch_sent, broker.prefetch_is_global())
         consumer = kombu.Consumer(channel, queues=[kombu.Queue(q, no_declare=True) for q in queues],
                                   accept=ACCEPT, on_message=self.inbox.append, no_ack=False)
         consumer.consume()
@@ -142,7 +143,7 @@ class ExecuteNode(NodeDuties):
 
     def _declare(self, channel: Any) -> list[str]:
         cfg = self.config
-        queues = [broker.declare_pool(channel, pool) for pool in cfg.pools]
+        queues = [q for pool in cfg.pools for _, q in broker.declare_pool_queues(channel, pool)]
         broker.declare_dead_letter(channel)
         announce.declare(channel)
         if cfg.queue:
@@ -216,7 +217,8 @@ class ExecuteNode(NodeDuties):
 
     def _queues_empty(self) -> bool:
         channel = self._channel()
-        names = [topology.pool_queue(p) for p in self.config.pools]
+        names = [q for p in self.config.pools
+                 for _, q in topology.pool_queues(p, broker.queue_type_in_use())]
         if self.config.queue:
             names.append(self.config.queue)
         for name in names:

@@ -187,7 +187,8 @@ class NodeBase:
         """
         want = self._prefetch()
         if want != self._prefetch_sent:
-            self._channel().send_method(spec.Basic.Qos, "lBb", (0, want, True))
+            self._channel().send_method(spec.Basic.Qos, "lBb",
+                                        (0, want, broker.prefetch_is_global()))
             self._prefetch_sent = want
 
     def _unblock_prefetch(self) -> None:

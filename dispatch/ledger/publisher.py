@@ -48,8 +48,10 @@ class Publisher(Protocol):
 class AmqpPublisher:
     """A :class:`Publisher` on one confirm-mode py-amqp channel."""
 
-    def __init__(self, channel: amqp.Channel, user: str) -> None:
+    def __init__(self, channel: amqp.Channel, user: str,
+                 queue_type: str = topology.CLASSIC) -> None:
         self.user = user
+        self.queue_type = queue_type
         self._confirms = broker.Confirms(channel, on_return=self._returned)
         self._seqs: list[int] = []
         self._returned_ids: list[str] = []
@@ -62,8 +64,12 @@ class AmqpPublisher:
         raw = {**(request.get("headers") or {}), headers.ATTEMPT: attempt}
         msg = broker.message(bytes(request.get("body") or b""), raw, **props)
         # Back where it first came from: the jobs exchange and its pool, or the custom
-        # exchange and key a node served (HTCondor's amq.direct topology, say).
-        exchange = str(request.get("exchange") or topology.jobs_exchange())
+        # exchange and key a node served (HTCondor's amq.direct topology, say); with no
+        # exchange recorded, its priority level's.
+        priority = props.get("priority")
+        exchange = str(request.get("exchange") or (
+            topology.jobs_exchange_for(priority, self.queue_type) if isinstance(priority, int)
+            else topology.jobs_exchange()))
         key = str(request.get("routing_key") or pool)
         with broker.translated(f"sending job {props.get('message_id')} to pool {pool!r}"):
             self._seqs.append(self._confirms.publish(msg, exchange, key, mandatory=True))

@@ -51,6 +51,8 @@ class ServiceSettings:
     admins: frozenset[str] = frozenset()
     #: How long finished jobs are kept (None: for ever); purged at start, then hourly.
     keep_s: float | None = None
+    #: classic or quorum; None: ``DISPATCH_QUEUE_TYPE`` (the same for nodes and clients).
+    queue_type: str | None = None
 
 
 PURGE_EVERY_S = 3600.0
@@ -72,6 +74,7 @@ class LedgerService:
         self.notifier = notifier
         self.user = str(kombu.Connection(settings.broker_url).userid or "")
         self.admins = settings.admins | {self.user}
+        self.queue_type = broker.queue_type_in_use(settings.queue_type)
         self._inbox: list[_Delivery] = []
         self._pools: set[str] = set()
         self._last_check = 0.0
@@ -92,7 +95,7 @@ class LedgerService:
         channel = conn.default_channel
         with broker.translated("declaring the ledger's queues"):
             self._declare(channel)
-            self.publisher = AmqpPublisher(channel, self.user)
+            self.publisher = AmqpPublisher(channel, self.user, self.queue_type)
             self._pools = set()
             self._track_pools(channel, {*self.settings.pools,
                                         *(p for n in self.ledger.nodes() for p in n.pools)})
@@ -137,12 +140,11 @@ class LedgerService:
 
     def _declare(self, channel: Any) -> None:
         channel.basic_qos(0, self.settings.batch_max, False)
-        broker.declare_dead_letter(channel)
+        broker.declare_dead_letter(channel, self.queue_type)
         for exchange in (topology.events_exchange(), topology.control_exchange()):
             channel.exchange_declare(exchange, "topic", durable=True, auto_delete=False)
-        channel.exchange_declare(topology.jobs_exchange(), "direct", durable=True,
-                                 auto_delete=False)
-        args = topology.ledger_queue_arguments()
+        broker.declare_jobs_exchanges(channel, self.queue_type)
+        args = topology.ledger_queue_arguments(self.queue_type)
         for queue in (topology.ledger_queue(), topology.ledger_submitted_queue(),
                       topology.ledger_control_queue()):
             channel.queue_declare(queue, durable=True, auto_delete=False, arguments=args)
@@ -157,12 +159,13 @@ class LedgerService:
         """Make sure each pool has its queue and the ledger sees its submissions."""
         for pool in sorted(pools - self._pools):
             try:
-                broker.declare_pool(channel, pool)
+                levels = broker.declare_pool_queues(channel, pool, self.queue_type)
             except ValueError:
                 log.warning("ledger: ignoring invalid pool name %r", pool)
                 continue
-            channel.queue_bind(topology.ledger_submitted_queue(), topology.jobs_exchange(),
-                               routing_key=pool)
+            for level, _ in levels:  # on quorum queues, each priority level's exchange
+                channel.queue_bind(topology.ledger_submitted_queue(),
+                                   topology.jobs_exchange(level), routing_key=pool)
             self._pools.add(pool)
             log.info("ledger: tracking pool %s", pool)
 
