@@ -93,9 +93,9 @@ def release_quietly(conn: kombu.Connection | None) -> None:
 
 def safe_url(url: str) -> str:
     """Return ``url`` with any password masked, for logs and error messages."""
-    if "://" not in url:
     if ";" in url:
         return ";".join(safe_url(u.strip()) for u in url.split(";") if u.strip())
+    if "://" not in url:
         return "<broker url>"
     try:
         return str(kombu.Connection(url).as_uri(include_password=False))
@@ -103,7 +103,6 @@ def safe_url(url: str) -> str:
         return "<broker url>"
 
 
-@contextmanager
 def queue_type_in_use(queue_type: str | None = None) -> str:
     """Return the type Dispatch's durable queues have: ``queue_type``, else the environment's.
 
@@ -122,6 +121,7 @@ def prefetch_is_global(queue_type: str | None = None) -> bool:
     return queue_type_in_use(queue_type) == topology.CLASSIC
 
 
+@contextmanager
 def translated(action: str) -> Iterator[None]:
     """Translate broker-library exceptions raised inside the block into BrokerError."""
     try:
@@ -141,10 +141,10 @@ def declare_pool(channel: amqp.Channel, pool: str, queue_type: str | None = None
     return dict(declare_pool_queues(channel, pool, queue_type))[topology.NORMAL]
 
 
-
 def declare_pool_queues(channel: amqp.Channel, pool: str,
                         queue_type: str | None = None) -> list[tuple[str, str]]:
     """Declare every queue of a pool, bound to its level's exchange with key ``pool``.
+
     Returns ``(level, queue)`` highest level first: one classic priority queue, or on
     quorum queues one queue for each priority level.
     """
@@ -198,8 +198,8 @@ def declare_reply_queue(channel: amqp.Channel, client_id: str,
                         queue_type: str | None = None) -> str:
     """Declare a client's durable reply queue, which expires after days unused."""
     queue = topology.reply_queue(client_id)
-    channel.queue_declare(queue, durable=True, auto_delete=False, exclusive=False,
     args = topology.reply_queue_arguments(queue_type=queue_type_in_use(queue_type))
+    channel.queue_declare(queue, durable=True, auto_delete=False, exclusive=False,
                           arguments=args)
     return queue
 
