@@ -11,8 +11,11 @@ line per scenario run), summed up in docs/reliability.md.
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -23,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fault_helpers import Tally, collect_finals, counting_job, executions
+from fault_helpers import QUIET_S, Tally, collect_finals, counting_job, executions, rss_kib
 from fixtures_ledger import LedgerProcess
 
 from dispatch import headers
@@ -150,6 +153,162 @@ def _node_name(cluster: Cluster, proc: subprocess.Popen[bytes]) -> str:
     args = proc.args
     assert isinstance(args, list)
     return str(args[args.index("--name") + 1])
+
+
+# -- 5. many small jobs: memory ---------------------------------------------------------
+
+RSS_JOBS = 5000
+PAD_BYTES = 8192  # each request carries 8 KiB: a process that kept them would show it
+#: 2,500 requests of 8 KiB kept by a node or the ledger would add 20 MiB to it.
+RSS_GROWTH_LIMIT_KIB = 10 * 1024
+
+
+def _rss(cluster: Cluster) -> dict[str, int]:
+    found = {_node_name(cluster, n): rss_kib(n.pid) for n in cluster.nodes}
+    assert cluster.ledger.proc is not None
+    found["ledger"] = rss_kib(cluster.ledger.proc.pid)
+    return found
+
+
+def _wait_recorded(cluster: Cluster, job_ids: set[str], timeout_s: float = 120) -> None:
+    """Wait until the ledger has every job of ``job_ids`` as exited (counted in SQL)."""
+    deadline = time.monotonic() + timeout_s
+    led = cluster.ledger.ledger()
+    try:
+        while True:
+            done = {r.job_id for r in led.jobs(pool=cluster.pool, states=[LedgerState.EXITED])}
+            if job_ids <= done:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ledger has {len(job_ids & done)} of {len(job_ids)} exited")
+            time.sleep(0.5)
+    finally:
+        led.close()
+
+
+def test_5000_small_jobs_through_two_nodes_leave_no_job_in_memory(cluster, counters):
+    """Claimed jobs: at-least-once execution, exactly-once final; RSS recorded.
+
+    RSS is taken after a warm-up of 500 jobs, halfway and at the end. Buffers that grow
+    to their high-water mark with the first full batches are no leak; growth over the
+    second half would be one.
+    """
+    cluster.keep_nodes(2)
+    count = counters / "many"
+    tally = Tally(f"{RSS_JOBS} small jobs (ledger, 2 nodes)", submitted=RSS_JOBS,
+                  guarantee="at-least-once execution, exactly-once final")
+    job = counting_job(count, cluster.pool, pad_bytes=PAD_BYTES)
+    rss: list[dict[str, int]] = []
+    with Client(cluster.url) as client:
+        warm = {h.job_id for h in client.submit_many([counting_job(
+            counters / "warm", cluster.pool, pad_bytes=PAD_BYTES)] * 500)}
+        collect_finals(client, Tally("warm-up"), warm, timeout_s=120)
+        _wait_recorded(cluster, warm)
+        rss.append(_rss(cluster))
+        for _half in range(2):
+            ids = {h.job_id for h in client.submit_many([job] * (RSS_JOBS // 2))}
+            tally.confirmed |= ids
+            collect_finals(client, tally, ids, timeout_s=150)
+            _wait_recorded(cluster, ids)
+            rss.append(_rss(cluster))
+    tally.started = executions(count)
+    tally.extra["rss_kib"] = dict(zip(("warm", "half", "end"), rss, strict=True))
+    _assert_exactly_once(tally)
+    growth = {name: rss[2][name] - rss[1][name] for name in rss[0]}
+    assert all(kib < RSS_GROWTH_LIMIT_KIB for kib in growth.values()), rss
+
+
+# -- 4. the ledger SIGKILLed and started again ----------------------------------------
+
+
+def test_a_ledger_killed_and_restarted_mid_stream_loses_no_final_and_no_record(
+        cluster, counters):
+    """Claims wait in the ledger's durable queue; leases are judged after the backlog."""
+    cluster.keep_nodes(2)
+    count = counters / "ledger-kill"
+    tally = Tally("ledger SIGKILL and restart mid-stream (2 nodes)", submitted=200,
+                  guarantee="at-least-once execution, exactly-once final")
+    killed, back = threading.Event(), threading.Event()
+    kill_at, restart_at = threading.Event(), threading.Event()
+
+    def fault() -> None:
+        if not kill_at.wait(timeout=120):
+            return
+        assert cluster.ledger.proc is not None
+        cluster.ledger.proc.send_signal(signal.SIGKILL)
+        cluster.ledger.proc.wait(timeout=10)
+        tally.extra["finals_at_kill"] = len(tally.finals)
+        killed.set()
+        restart_at.wait(timeout=120)
+        tally.extra["finals_at_restart"] = len(tally.finals)
+        cluster.ledger.start("--pool", cluster.pool)
+        back.set()
+
+    thread = threading.Thread(target=fault, daemon=True)
+    thread.start()
+
+    def on_final(done: int) -> None:
+        if done >= 40:
+            kill_at.set()
+        if done >= 120 and killed.is_set():
+            restart_at.set()
+
+    with Client(cluster.url) as client:
+        handles = client.submit_many([counting_job(count, cluster.pool, sleep_s=0.1)] * 200)
+        tally.confirmed = {h.job_id for h in handles}
+        collect_finals(client, tally, tally.confirmed, timeout_s=150, on_final=on_final)
+    restart_at.set()  # should every job have ended first
+    thread.join(timeout=60)
+    assert back.is_set()
+    records = _ledger_finals(cluster, tally.confirmed)
+    tally.started = executions(count)
+    tally.extra["ledger_reruns"] = sum(r.attempt > 1 for r in records.values())
+    _assert_exactly_once(tally)
+
+
+# -- 3. the client killed after its submits were confirmed ----------------------------
+
+
+def test_a_client_killed_after_its_submits_are_confirmed_finds_every_result_later(
+        workers, pool, counters, broker_url, tmp_path, amqp):
+    """Results wait in the client's durable reply queue; ``dispatch wait ID`` takes them."""
+    count, gate = counters / "client-kill", counters / "client-kill.gate"
+    for _ in range(2):
+        workers.start(pools=(pool,))
+    client_id = f"faults-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "DISPATCH_BROKER_URL": broker_url,
+           "DISPATCH_CONFIG_DIR": str(tmp_path / "config")}
+    script = counting_job(count, pool, gate=gate).arguments[1]
+    tally = Tally("client SIGKILLed after confirmed submits, results fetched later",
+                  submitted=20, guarantee="at-least-once execution, exactly-once final")
+    with (tmp_path / "submit.err").open("wb") as err:
+        submit = subprocess.Popen(
+            [sys.executable, "-m", "dispatch", "submit", "--array", "20", "--wait",
+             "--client-id", client_id, "--pool", pool, "-e", f"COUNT_FILE={count}",
+             "-c", script], stdout=subprocess.PIPE, stderr=err, env=env, cwd=tmp_path)
+    assert submit.stdout is not None
+    array_id = submit.stdout.readline().decode().strip()  # printed once all are confirmed
+    submit.send_signal(signal.SIGKILL)
+    submit.wait(timeout=10)
+    submit.stdout.close()
+    assert array_id, (tmp_path / "submit.err").read_text()
+    tally.confirmed = {f"{array_id}.{i}" for i in range(20)}
+    gate.touch()
+    fetched = subprocess.run(
+        [sys.executable, "-m", "dispatch", "wait", *sorted(tally.confirmed), "--client-id",
+         client_id, "--json", "--timeout", "120"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=150, check=False)
+    for line in fetched.stdout.splitlines():
+        record = json.loads(line)
+        if record.get("state") in {s.value for s in JobState if s.is_final}:
+            tally.finals[record["job_id"]] += 1
+    # Anything left in the reply queue that is final would be a second result.
+    with Client(broker_url, client_id=client_id) as later:
+        while (update := later.next_update(None, QUIET_S)) is not None:
+            tally.note(update)
+    tally.started = executions(count)
+    _assert_exactly_once(tally)
+    assert fetched.returncode == 0, fetched.stderr
 
 
 # -- 2. the broker restarted under load ------------------------------------------------
