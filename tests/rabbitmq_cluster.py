@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -155,13 +156,18 @@ class Cluster:
                                    f"{node.log_tail()}") from None
             raise
 
-    def stop_node(self, node: Node) -> None:
-        """Stop one node (its app, then the VM); kill it if it does not go."""
+    def stop_node(self, node: Node, app_stopped: threading.Event | None = None) -> None:
+        """Stop one node (its app, then the VM); kill it if it does not go.
+
+        ``app_stopped`` is set once the node no longer serves AMQP (its app stopped).
+        """
         if not node.running:
             return
         node.running = False
         with contextlib.suppress(ClusterError):
             self.ctl(node, "stop_app", timeout_s=30)
+        if app_stopped is not None:
+            app_stopped.set()
         with contextlib.suppress(ClusterError):
             self.ctl(node, "stop", timeout_s=30)
         self._reap(node)

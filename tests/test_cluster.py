@@ -15,10 +15,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import kombu
 import pytest
 from rabbitmq_cluster import Cluster, Node
 
-from dispatch import topology
+from dispatch import broker, topology
 from dispatch.client import Client
 from dispatch.job import JobSpec, JobState, JobUpdate
 
@@ -29,7 +30,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 JOBS = 200
 BATCH = 10
 #: Jobs submitted before the leader's node is stopped.
-STOP_AFTER = 60
+STOP_AFTER = 40
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +93,8 @@ def test_a_leader_node_stopped_mid_stream_loses_no_job_and_duplicates_no_result(
         with Client(urls_from(cluster, leader)) as client:
             submitted: set[str] = set()
             stopper: threading.Thread | None = None
+            after_stop = 0
+            down = threading.Event()
             started = time.monotonic()
             for first in range(0, JOBS, BATCH):
                 specs = [JobSpec("sh", ("-c", f"echo {i} >> {counter}"), pool=pool,
@@ -99,9 +102,11 @@ def test_a_leader_node_stopped_mid_stream_loses_no_job_and_duplicates_no_result(
                 handles = client.submit_many(specs)
                 submitted.update(h.job_id for h in handles)
                 if first + BATCH == STOP_AFTER:
-                    stopper = threading.Thread(target=cluster.stop_node, args=(leader,))
+                    stopper = threading.Thread(target=cluster.stop_node, args=(leader, down))
                     stopper.start()
-                time.sleep(0.05)
+                elif down.is_set() and not after_stop:
+                    after_stop = JOBS - first  # this batch went to a cluster without it
+                time.sleep(0.25)
             finals = collect_finals(client, submitted, timeout_s=120)
             elapsed = time.monotonic() - started
             assert stopper is not None
@@ -116,13 +121,36 @@ def test_a_leader_node_stopped_mid_stream_loses_no_job_and_duplicates_no_result(
     lost = sorted(submitted - finals.keys())
     duplicated = sorted(j for j, f in finals.items() if len(f) > 1)
     print(f"cluster: {len(submitted)} jobs in {elapsed:.1f} s, leader {leader.name} stopped "
-          f"after {STOP_AFTER}, new leader {new_leader.name}; lost {len(lost)}, duplicate "
+          f"after {STOP_AFTER} ({after_stop} submitted once it was down), new leader "
+          f"{new_leader.name}; lost {len(lost)}, duplicate "
           f"results {len(duplicated)}, executions {sum(runs.values())}, "
           f"run twice {sum(1 for n in runs.values() if n > 1)}")
     assert len(submitted) == JOBS
     assert new_leader is not leader
+    assert after_stop > 0, "the stream ended before the node was down"
     assert not lost, f"no final reply for {lost[:10]}"
     assert not duplicated, f"more than one final reply for {duplicated[:10]}"
     assert all(u.state is JobState.EXITED and u.exit_code == 0
                for f in finals.values() for u in f)
     assert sorted(runs) == sorted(str(i) for i in range(JOBS)), "a job never ran"
+
+
+def test_a_quorum_pool_has_a_queue_a_priority_level_and_a_worker_serves_them_all(
+        cluster: Cluster, quorum: None, workdir_root: Path, tmp_path: Path) -> None:
+    pool = "levels"
+    url = cluster.urls
+    crew = Workers(url, workdir_root, tmp_path)
+    node = next(n for n in cluster.nodes if n.running)
+    with kombu.Connection(node.url, heartbeat=0) as conn, Client(url) as client:
+        levels = broker.declare_pool_queues(conn.default_channel, pool)
+        try:
+            handles = {p: client.submit(JobSpec("true", pool=pool, priority=p)) for p in (9, 4, 1)}
+            depths = {level: conn.default_channel.queue_declare(queue, passive=True)[1]
+                      for level, queue in levels}
+            assert [level for level, _ in levels] == ["high", "normal", "low"]
+            assert depths == {"high": 1, "normal": 1, "low": 1}
+            crew.start(pools=(pool,), slots=1)
+            for handle in handles.values():
+                assert handle.wait(timeout_s=60).exit_code == 0
+        finally:
+            crew.stop_all()
