@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -274,8 +275,17 @@ class Confirms:
             msg_id = str(msg.properties["message_id"])
             self._watched[msg_id] = seq
             self._watched_ids[seq] = msg_id
-        self.channel.basic_publish(msg, exchange=exchange, routing_key=routing_key,
-                                   mandatory=mandatory)
+        try:
+            self.channel.basic_publish(msg, exchange=exchange, routing_key=routing_key,
+                                       mandatory=mandatory)
+        except (ValueError, TypeError, OverflowError, LookupError, UnicodeError, struct.error):
+            # Raised while encoding, before a byte was sent: the broker never saw this
+            # publish, so its sequence number is given back (the confirms stay in step).
+            self._pending.pop(seq, None)
+            if settle_returned_as_failed:
+                self._watched.pop(self._watched_ids.pop(seq, ""), None)
+            self._next_seq = seq
+            raise
         return seq
 
     def wait_for(self, seq: int, timeout_s: float = 30.0) -> None:

@@ -129,7 +129,10 @@ def capture_request(properties: Mapping[str, Any], headers: Mapping[str, Any],
 
 def encode(body: Mapping[str, Any]) -> bytes:
     """Encode an event or control body."""
-    packed: bytes = msgpack.packb(_plain(dict(body)), use_bin_type=True)
+    # surrogatepass: a foreign header may hold text that is not valid UTF-8 (py-amqp
+    # keeps such bytes as lone surrogates); it travels on and decodes back unchanged.
+    packed: bytes = msgpack.packb(_plain(dict(body)), use_bin_type=True,
+                                  unicode_errors="surrogatepass")
     return packed
 
 
@@ -138,7 +141,8 @@ def decode(data: bytes, *, what: str = "event") -> dict[str, Any]:
     if len(data) > MAX_BODY_BYTES:
         raise InvalidMessageError(f"is larger than {MAX_BODY_BYTES} bytes", field="body")
     try:
-        body = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        body = msgpack.unpackb(data, raw=False, strict_map_key=True,
+                               unicode_errors="surrogatepass")
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
             msgpack.StackError) as exc:
         raise InvalidMessageError(f"is not msgpack: {exc}", field="body") from None
@@ -154,7 +158,8 @@ def decode(data: bytes, *, what: str = "event") -> dict[str, Any]:
 def _plain(value: Any) -> Any:
     """Turn AMQP header values msgpack cannot carry (datetimes, decimals) into strings."""
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {k.decode("utf-8", "surrogateescape") if isinstance(k, bytes) else str(k):
+                _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     if isinstance(value, datetime.datetime | datetime.date):

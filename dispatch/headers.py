@@ -174,7 +174,10 @@ def _positive_int(value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     text = _text(value)
-    return int(text) if text and text.isdigit() and int(text) > 0 else 1
+    # isdecimal, not isdigit: "²" is a digit int() refuses; 12 digits keep int() cheap.
+    if text and len(text) <= 12 and text.isascii() and text.isdecimal() and int(text) > 0:
+        return int(text)
+    return 1
 
 
 def _text(value: Any) -> str | None:

@@ -18,6 +18,12 @@ waits on the socket with a selector must drain frames until a read times out bef
 it selects again (the execute node does): the buffer then holds no whole frame.
 
 TLS connections keep py-amqp's own transport.
+
+Every connection made here also reads what foreign producers send without breaking:
+bodies stay the bytes that arrived (py-amqp would otherwise decode a body by its
+``content_encoding``, turning a zip into text or failing on ``binary``), and a content
+header py-amqp cannot decode is made readable (:mod:`dispatch.frames`) instead of
+breaking the connection's frame reader.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from urllib.parse import urlsplit
 import amqp.transport
 from amqp.exceptions import UnexpectedFrame
 from kombu.transport import pyamqp
+
+from dispatch import frames
 
 __all__ = ["BufferedTCPTransport", "KombuTransport", "for_url"]
 
@@ -123,7 +131,21 @@ class BufferedTCPTransport(amqp.transport.TCPTransport):  # type: ignore[misc]
         self._rbuf += data
 
 
+class _Channel(pyamqp.Channel):  # type: ignore[misc]
+    """kombu's channel, handing message bodies over as the bytes that arrived."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.auto_decode = False
+
+
 class _Connection(pyamqp.Connection):  # type: ignore[misc]
+    Channel = _Channel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("frame_handler", frames.tolerant)
+        super().__init__(*args, **kwargs)
+
     def Transport(self, host: str, connect_timeout: float | None,
                   ssl: Any = False, read_timeout: float | None = None,
                   write_timeout: float | None = None, **kwargs: Any) -> Any:

@@ -11,6 +11,7 @@ from dispatch.events import ControlOp, Event
 from dispatch.job import JobState
 from workers.jobflow import JobFlow
 from workers.orders import Order
+from workers.replies import raw_body
 
 log = logging.getLogger(__name__)
 
@@ -21,15 +22,23 @@ class NodeDuties(JobFlow):
     # -- control, chirp, heartbeats -------------------------------------------------------
 
     def _on_control(self, message: Any) -> None:
+        """Obey one control message; one that cannot be obeyed is dead-lettered, never fatal."""
+        try:
+            self._obey(message)
+        except Exception as exc:
+            if self._lost_connection(exc):
+                raise
+            log.exception("control message: unexpected error while obeying it")
+            self._refuse_order(message, f"internal error on {self.machine.name}: {exc}")
+
+    def _obey(self, message: Any) -> None:
         orders = self.orders
         if orders is None:
             return
         try:
-            order = orders.parse(message.properties, message.body)
+            order = orders.parse(message.properties, raw_body(message))
         except InvalidJobError as exc:
-            log.warning("control message refused: %s", exc.reason)
-            self._replies.dead_letter(message, exc.reason,
-                                      settle=lambda ok: message.ack() if ok else message.requeue())
+            self._refuse_order(message, exc.reason)
             return
         orders.remember(order)
         log.info("node %s: %s %s by %s", self.machine.name, order.op.value,
@@ -44,6 +53,34 @@ class NodeDuties(JobFlow):
         elif order.op in (ControlOp.REMOVE, ControlOp.HOLD):
             for job_id in order.job_ids:
                 self._stop_job(job_id, order)
+        message.ack()
+
+    def _refuse_order(self, message: Any, reason: str) -> None:
+        """Dead-letter a control message that is not an order; park it if that fails."""
+        log.warning("control message refused: %s", reason)
+        job_id = str(message.properties.get("message_id") or "control")
+
+        def settled(ok: bool) -> None:
+            if ok:
+                message.ack()
+            else:
+                self._park_order(message, job_id, reason)
+
+        try:
+            self._replies.dead_letter(message, reason, settle=settled)
+        except Exception as exc:
+            if self._lost_connection(exc):
+                raise
+            self._park_order(message, job_id, reason)
+
+    def _park_order(self, message: Any, job_id: str, reason: str) -> None:
+        try:
+            path = self.spool.park(job_id, message, reason)
+        except (OSError, ValueError, TypeError) as exc:
+            log.error("control message: cannot be dead-lettered or kept (%s); requeueing", exc)
+            message.requeue()
+            return
+        log.error("control message: cannot be dead-lettered; kept in %s", path)
         message.ack()
 
     def _stop_job(self, job_id: str, order: Order) -> None:

@@ -6,13 +6,16 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
-from dispatch import headers, requirements
+from dispatch import frames, headers, requirements
 from dispatch.archive import ZIP_CONTENT_TYPE, is_zip
 from dispatch.errors import InvalidMessageError, UnsatisfiableJobError
 from dispatch.job import JobRequest
 from workers.slots import Slots
 
 _BODY_TYPES = (ZIP_CONTENT_TYPE, "application/octet-stream", "", None)
+#: content_encoding values that mean "the body is the bytes as sent" (kombu sets
+#: ``binary`` for a bytes body, and ``utf-8`` for a text one).
+RAW_ENCODINGS = frozenset({"", "binary", "identity", "8bit", "7bit", "utf-8", "utf8"})
 
 
 @lru_cache(maxsize=1024)
@@ -27,8 +30,16 @@ def admit(properties: Mapping[str, Any], raw_headers: Mapping[str, Any], body: b
     Raises InvalidMessageError for a malformed message and UnsatisfiableJobError for a
     valid job this node can never run; both carry the reason for the Rejected reply.
     """
+    undecodable = raw_headers.get(frames.UNDECODABLE)
+    if undecodable is not None:
+        raise InvalidMessageError(f"cannot be decoded: {undecodable}", field="properties")
     request = headers.decode_request(properties, raw_headers, env)
     if body:
+        encoding = properties.get("content_encoding")
+        if encoding is not None and str(encoding).strip().lower() not in RAW_ENCODINGS:
+            raise InvalidMessageError(
+                f"{encoding!r} is not supported: send the zip as raw bytes "
+                "(content_encoding binary, or none)", field="content_encoding")
         if properties.get("content_type") not in _BODY_TYPES:
             raise InvalidMessageError(
                 f"{properties.get('content_type')!r} is not application/zip", field="content_type")

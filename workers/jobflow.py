@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import selectors
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
-from dispatch import broker, events, headers, topology
+from dispatch import events, headers, topology
 from dispatch.errors import InvalidJobError
 from dispatch.events import ControlOp, Event
 from dispatch.job import JobState
 from workers import intake
 from workers.nodebase import RECENT_JOBS, Active, NodeBase
 from workers.orders import Order
-from workers.replies import Settle
+from workers.replies import Settle, raw_body
+from workers.spool import Packed
 
 log = logging.getLogger(__name__)
 
@@ -24,24 +29,36 @@ class JobFlow(NodeBase):
     # -- jobs ---------------------------------------------------------------------------
 
     def _receive(self, message: Any) -> None:
-        env = headers.envelope(message.properties, message.headers or {})
+        """Take one job delivery in; whatever it holds, it ends replied to or kept."""
+        message.body = raw_body(message)
+        env: headers.Envelope | None = None
+        try:
+            env = headers.envelope(message.properties, message.headers or {})
+            self._take(message, env)
+        except Exception as exc:  # a bug must cost one job, never the node
+            if self._lost_connection(exc):
+                raise
+            env = env or _bare_envelope(message)
+            log.exception("job %s: unexpected error while admitting it", env.job_id)
+            self._reject(message, env, f"internal error on {self.machine.name}: {exc}")
+
+    def _take(self, message: Any, env: headers.Envelope) -> None:
         tag = message.delivery_tag
         if self.stopping:
             self._channel().basic_reject(tag, requeue=True)
             return
         if self._duplicate(env.job_id, tag):
             return
-        try:
-            order = self.orders.stopping_order(env.job_id, env.attempt) if self.orders else None
-            if order is not None:
-                self._refuse(message, env, order, self._pool_of(message))
-            else:
-                self._admit(message, env)
-        except broker.CONNECTION_ERRORS:
-            raise
-        except Exception as exc:  # a bug must cost one job, never the node
-            log.exception("job %s: unexpected error while admitting it", env.job_id)
-            self._reject(message, env, f"internal error on {self.machine.name}: {exc}")
+        if env.reply_to is not None and not self._replies.reachable(env.reply_to):
+            # Publishing to a missing exchange would close the node's channel.
+            self._reject(message, dataclasses.replace(env, reply_to=None),
+                         f"reply_to: exchange {env.reply_to.exchange!r} does not exist")
+            return
+        order = self.orders.stopping_order(env.job_id, env.attempt) if self.orders else None
+        if order is not None:
+            self._refuse(message, env, order, self._pool_of(message))
+        else:
+            self._admit(message, env)
 
     def _pool_of(self, message: Any) -> str:
         info = message.delivery_info
@@ -138,7 +155,15 @@ class JobFlow(NodeBase):
         request = active.request
         order = active.order
         held = order is not None and order.op is ControlOp.HOLD
-        archive = b"" if held else self.spool.pack(job)
+        lost_output: str | None = None
+        archive: bytes | Packed = b""
+        if not held:
+            try:
+                archive = self.spool.pack(job)
+            except (OSError, ValueError) as exc:  # the job left what cannot be read or zipped
+                log.error("job %s: its directory cannot be zipped: %s", request.job_id, exc)
+                job.close()
+                lost_output = f"the working directory could not be zipped: {exc}"
         if held:
             job.close()
         del self.running[request.job_id]
@@ -153,7 +178,7 @@ class JobFlow(NodeBase):
         result = {"host": self.machine.name, "exit_code": outcome.exit_code,
                   "exit_by_signal": outcome.exit_by_signal, "exit_signal": outcome.exit_signal,
                   "duration_s": round(outcome.duration_s, 6)}
-        reason = order.describe() if order is not None else None
+        reason = order.describe() if order is not None else lost_output or outcome.reason
         if state is JobState.EXITED:
             self._event(Event.EXITED, active, result_bytes=len(archive), **result)
         else:
@@ -193,15 +218,67 @@ class JobFlow(NodeBase):
         self._replies.send(env, state, body, settle=settle, **fields)
 
     def _reject(self, message: Any, env: headers.Envelope, reason: str) -> None:
+        """Reply Rejected (where there is an address), tell the ledger, dead-letter the message.
+
+        Each step is on its own: one that fails is logged and the others still happen.
+        The message is acked only once its dead-letter copy is confirmed, or once it is
+        parked on the spool when no copy can be made.
+        """
+        reason = _short(reason)
         log.warning("job %s: rejected: %s", env.job_id, reason)
-        self._reply(env, JobState.REJECTED, b"", reason=reason, host=self.machine.name)
-        request = events.capture_request(message.properties, message.headers or {}, b"")
-        self.announcer.job(Event.REJECTED, job_id=env.job_id, attempt=env.attempt,
-                           pool=self._pool_of(message), host=self.machine.name, reason=reason,
-                           request=request)
+        with self._step(env.job_id, "Rejected reply"):
+            if env.reply_to is not None and not self._replies.reachable(env.reply_to):
+                log.warning("job %s: reply_to %s does not exist; no Rejected reply",
+                            env.job_id, env.reply_to)
+            else:
+                self._reply(env, JobState.REJECTED, b"", reason=reason,
+                            host=self.machine.name)
+        with self._step(env.job_id, "Rejected event"):
+            request = events.capture_request(message.properties, message.headers or {}, b"")
+            self.announcer.job(Event.REJECTED, job_id=env.job_id, attempt=env.attempt,
+                               pool=self._pool_of(message), host=self.machine.name,
+                               reason=reason, request=request)
+        self._dead_letter(message, env.job_id, reason)
+
+    def _dead_letter(self, message: Any, job_id: str, reason: str) -> None:
         tag = message.delivery_tag
-        self._replies.dead_letter(message, reason,
-                                  settle=lambda ok: self._ack_if(ok, tag, env.job_id))
+
+        def settled(ok: bool) -> None:
+            if ok:
+                self._ack_if(True, tag, job_id)
+            else:
+                self._park(message, job_id, reason, "the dead-letter copy was refused")
+
+        try:
+            self._replies.dead_letter(message, reason, settle=settled)
+        except Exception as exc:
+            if self._lost_connection(exc):
+                raise
+            log.exception("job %s: dead-letter copy failed", job_id)
+            self._park(message, job_id, reason, f"the dead-letter copy failed: {exc}")
+
+    def _park(self, message: Any, job_id: str, reason: str, why: str) -> None:
+        """Keep a message on the spool when it cannot be dead-lettered; ack once it is kept."""
+        tag = message.delivery_tag
+        try:
+            path = self.spool.park(job_id, message, reason)
+        except (OSError, ValueError, TypeError) as exc:
+            log.error("job %s: %s and the spool failed (%s); requeueing it", job_id, why, exc)
+            if tag is not None:
+                self._channel().basic_reject(tag, requeue=True)
+            return
+        log.error("job %s: %s; message kept in %s", job_id, why, path)
+        self._ack_if(True, tag, job_id)
+
+    @contextlib.contextmanager
+    def _step(self, job_id: str, what: str) -> Iterator[None]:
+        """Run one step of handling a bad message; a failure is logged, not raised."""
+        try:
+            yield
+        except Exception as exc:
+            if self._lost_connection(exc):
+                raise
+            log.exception("job %s: %s failed", job_id, what)
 
     def _refuse(self, message: Any, env: headers.Envelope, order: Order, pool: str) -> None:
         """Drop a job that was removed or held before it could run here."""
@@ -261,6 +338,21 @@ class JobFlow(NodeBase):
         else:
             log.error("job %s: broker refused the final reply; requeueing the job", job_id)
             self._channel().basic_reject(tag, requeue=True)
+
+
+#: Longest reason a Rejected reply carries (a reply's headers must fit one frame).
+MAX_REASON_CHARS = 1000
+
+
+def _short(reason: str) -> str:
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[:MAX_REASON_CHARS - 1] + "…"
+
+
+def _bare_envelope(message: Any) -> headers.Envelope:
+    """Return an envelope with no reply address, for a message nothing else could be read of."""
+    job_id = message.properties.get("message_id")
+    return headers.Envelope(job_id=str(job_id or uuid.uuid4()), reply_to=None,
+                            correlation_id=str(job_id or ""), owner=None, classad_quoted=False)
 
 
 class _AllSettled:

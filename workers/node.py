@@ -85,6 +85,14 @@ class ExecuteNode(NodeDuties):
                     if self.stopping and not self.running:
                         return
                     log.warning("%s; retrying in %.1fs", exc, backoff_s)
+                except Exception:
+                    # The last line of defence: a bug outside one message's handling. The
+                    # broker takes back every unacked job; running jobs go on and report.
+                    log.exception("node %s: unexpected error; reconnecting in %.1fs",
+                                  self.machine.name, backoff_s)
+                    self._drop_connection()
+                    if self.stopping and not self.running:
+                        return
                 self._idle(backoff_s)
                 backoff_s = min(backoff_s * 2, 10.0)
         finally:
@@ -114,7 +122,8 @@ class ExecuteNode(NodeDuties):
         # Quorum queues refuse a channel-wide prefetch: there each consumer has its own.
         channel.basic_qos(0, self._prefetch_sent, broker.prefetch_is_global())
         consumer = kombu.Consumer(channel, queues=[kombu.Queue(q, no_declare=True) for q in queues],
-                                  accept=ACCEPT, on_message=self.inbox.append, no_ack=False)
+                                  accept=ACCEPT, on_message=self.inbox.append, no_ack=False,
+                                  on_decode_error=self._undecoded)
         consumer.consume()
         self._consume_orders(conn)
         sock = conn.connection.sock
@@ -160,7 +169,17 @@ class ExecuteNode(NodeDuties):
         channel.basic_qos(0, 64, False)
         kombu.Consumer(channel, queues=[kombu.Queue(queue, no_declare=True)],
                        accept=[events.CONTENT_TYPE], on_message=self.control_inbox.append,
+                       on_decode_error=lambda msg, _exc: self.control_inbox.append(msg),
                        no_ack=False).consume()
+
+    def _undecoded(self, message: Any, exc: Exception) -> None:
+        """Take in a job message kombu could not prepare (a bad ``compression`` header).
+
+        kombu would otherwise raise from inside the connection's event loop; the message
+        goes through admission like any other and is rejected there if it must be.
+        """
+        log.info("delivery %s: kombu could not prepare it (%s)", message.delivery_tag, exc)
+        self.inbox.append(message)
 
     def _loop(self, conn: kombu.Connection, consumer: kombu.Consumer) -> None:
         cancelled = False

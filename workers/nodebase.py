@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import amqp.exceptions
 import kombu
+import kombu.exceptions
 from amqp import spec
 
 from dispatch import broker, events, headers
@@ -100,7 +102,8 @@ class NodeBase:
                                        name=config.name, memory_mb=config.memory_mb)
         self.attrs = self.machine.attributes()
         self.slots = Slots(self.machine)
-        self.runner = Runner(config.workdir_root, run_as, config.kill_grace_s)
+        self.runner = Runner(config.workdir_root, run_as, config.kill_grace_s,
+                             node_name=self.machine.name)
         self.spool = Spool(config.spool_dir or config.workdir_root / ".spool",
                            config.max_result_bytes)
         self.running: dict[str, Active] = {}
@@ -215,6 +218,20 @@ class NodeBase:
         for active in self.waiting:
             active.delivery_tag = None
         self.waiting.clear()
+
+    def _lost_connection(self, exc: BaseException) -> bool:
+        """Tell whether ``exc`` means the broker connection or channel is gone.
+
+        An OSError can be the job's or the disk's as well as the socket's: it counts as
+        a lost connection only when the connection says it is down.
+        """
+        if isinstance(exc, amqp.exceptions.ConnectionError | amqp.exceptions.ChannelError
+                      | kombu.exceptions.OperationalError):
+            return True
+        if isinstance(exc, OSError):
+            conn = self._conn
+            return conn is None or not conn.connected
+        return False
 
     def _drop_connection(self) -> None:
         broker.release_quietly(self._conn)

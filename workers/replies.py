@@ -8,11 +8,14 @@ unroutable is kept on the node's spool (:mod:`workers.spool`), never lost.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import struct
 from collections.abc import Callable
 from typing import Any
 
 import amqp
+import amqp.exceptions
 
 from dispatch import broker, headers, topology
 from dispatch.archive import ZIP_CONTENT_TYPE
@@ -26,6 +29,9 @@ log = logging.getLogger(__name__)
 Settle = Callable[[bool], None]
 #: Chunks of one result awaiting their confirm at once.
 CHUNK_WINDOW = 2
+#: Bytes of a content-header frame besides its properties (frame header and end,
+#: class, weight, body size).
+_HEADER_FRAME_OVERHEAD = 8 + 12
 
 
 class Replies:
@@ -36,6 +42,36 @@ class Replies:
         self.confirms = broker.Confirms(channel, on_return=self._returned)
         #: Final results awaiting their confirms, by (job id, attempt).
         self.results: dict[tuple[str, int], _Delivery] = {}
+        #: Whether exchanges named by foreign reply addresses exist.
+        self._exchanges: dict[str, bool] = {}
+
+    def reachable(self, reply_to: topology.ReplyAddress) -> bool:
+        """Tell whether ``reply_to``'s exchange exists (asked once per exchange and connection).
+
+        A publish to an exchange that does not exist closes the channel it was made on,
+        so a foreign ``/exchange/NAME/KEY`` address is checked on a channel of its own
+        before anything is published to it.
+        """
+        name = reply_to.exchange
+        if not name:
+            return True
+        known = self._exchanges.get(name)
+        if known is None:
+            channel = self.confirms.channel.connection.channel()
+            try:
+                channel.exchange_declare(name, "direct", passive=True)
+                known = True
+            except amqp.exceptions.NotFound:
+                known = False
+            except amqp.exceptions.ChannelError:
+                known = False  # not a name the broker accepts
+            finally:
+                with contextlib.suppress(Exception):
+                    channel.close()
+            if len(self._exchanges) >= 1024:
+                self._exchanges.clear()
+            self._exchanges[name] = known
+        return known
 
     def send(self, env: headers.Envelope, state: JobState, body: bytes, *,
              settle: Settle | None = None, **fields: Any) -> None:
@@ -79,8 +115,18 @@ class Replies:
     def dead_letter(self, message: Any, reason: str, *, settle: Settle) -> None:
         """Publish a copy of a rejected job message, with the reason, to the dead-letter exchange.
 
-        The original is acked only once this copy is confirmed (``settle``).
+        The body goes on byte for byte. The original is acked only once this copy is
+        confirmed (``settle(True)``). A copy that cannot be made (its headers do not fit
+        one frame, or do not encode) or that the broker refuses settles ``False``: the
+        caller keeps the message some other way.
         """
+        msg = self._dead_letter_copy(message, reason)
+        if msg is None:
+            settle(False)
+            return
+        self.confirms.publish(msg, topology.dead_letter_exchange(), "", on_settled=settle)
+
+    def _dead_letter_copy(self, message: Any, reason: str) -> amqp.Message | None:
         # The broker refuses a user_id that is not the publisher's own: the owner
         # travels on as a header instead.
         props = {k: v for k, v in message.properties.items()
@@ -93,9 +139,25 @@ class Replies:
             "x-original-exchange": info.get("exchange", ""),
             "x-original-routing-key": info.get("routing_key", ""),
         }
-        msg = amqp.Message(message.body, application_headers={**(message.headers or {}), **extra},
-                           **props)
-        self.confirms.publish(msg, topology.dead_letter_exchange(), "", on_settled=settle)
+        body = raw_body(message)
+        original = message.headers or {}
+        for hdrs in ({**original, **extra}, {**_as_text(original), **extra}):
+            msg = amqp.Message(body, application_headers=hdrs, **props)
+            try:
+                size = len(msg._serialize_properties())
+            except (ValueError, TypeError, OverflowError, struct.error) as exc:
+                log.warning("dead-letter copy: headers do not encode (%s)", exc)
+                continue
+            if size + _HEADER_FRAME_OVERHEAD <= self.frame_max:
+                return msg
+            log.warning("dead-letter copy: %d bytes of properties do not fit a frame", size)
+            return None
+        return None
+
+    @property
+    def frame_max(self) -> int:
+        """Return the largest frame the connection carries (a content header must fit one)."""
+        return int(self.confirms.channel.connection.frame_max)
 
     def _returned(self, msg: amqp.Message, detail: str) -> None:
         raw = msg.properties.get("application_headers") or {}
@@ -109,6 +171,41 @@ class Replies:
             delivery.returned(msg, detail)  # the confirm that follows settles it
             return
         log.warning("job %s: reply could not be delivered: %s", job_id, detail)
+
+
+def raw_body(message: Any) -> bytes:
+    """Return a message's body as the bytes that arrived.
+
+    Dispatch's connections hand bodies over undecoded; py-amqp still gives an empty
+    body as ``""``, and another transport may have decoded one by its content_encoding.
+    """
+    body = message.body
+    if isinstance(body, bytes):
+        return body
+    if isinstance(body, bytearray | memoryview):
+        return bytes(body)
+    if not body:
+        return b""
+    encoding = message.properties.get("content_encoding") or "utf-8"
+    try:
+        return str(body).encode(encoding, "surrogatepass")
+    except (LookupError, UnicodeError):
+        return str(body).encode("utf-8", "surrogatepass")
+
+
+def _as_text(table: dict[Any, Any]) -> dict[str, Any]:
+    """Return a header table whose values py-amqp can surely encode (odd ones as text)."""
+    def plain(value: Any) -> Any:
+        if value is None or isinstance(value, bool | int | float | str | bytes):
+            return value
+        if isinstance(value, dict):
+            return _as_text(value)
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        return str(value)
+
+    return {(k.decode("utf-8", "surrogateescape") if isinstance(k, bytes) else str(k))[:255]:
+            plain(v) for k, v in table.items()}
 
 
 def _attempt(value: Any) -> int:

@@ -13,6 +13,7 @@ same job id gets ``<job id>.2.zip`` and so on; nothing is overwritten.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -66,23 +67,44 @@ class Spool:
             raise
         return Packed(self, file, size)
 
-    def keep(self, job_id: str, meta: Mapping[str, Any], archive: bytes | IO[bytes]) -> Path:
+    def keep(self, job_id: str, meta: Mapping[str, Any], archive: bytes | IO[bytes], *,
+             suffix: str = ".zip") -> Path:
         """Write ``archive`` and ``meta`` (as JSON) under the job's name; return the zip's path.
 
         Each file is written under a temporary name, synced, then renamed: a ``.json``
         beside a ``.zip`` means both are whole. Raises OSError when they cannot be written.
+        ``suffix`` names what the data is (``.zip``, or ``.message`` for a parked message).
         """
         self._ensure()
         stem = _stem(job_id)
         base, n = stem, 1
-        while (self.root / f"{base}.zip").exists() or (self.root / f"{base}.json").exists():
+        while (self.root / f"{base}{suffix}").exists() or (self.root / f"{base}.json").exists():
             n += 1
             base = f"{stem}.{n}"
-        zip_path = self.root / f"{base}.zip"
-        _write(zip_path, archive)
-        text = json.dumps({**meta, "zip": zip_path.name}, indent=2, sort_keys=True, default=str)
-        _write(self.root / f"{base}.json", text.encode("utf-8"))
-        return zip_path
+        data_path = self.root / f"{base}{suffix}"
+        _write(data_path, archive)
+        key = "zip" if suffix == ".zip" else "data"
+        text = json.dumps({**meta, key: data_path.name}, indent=2, sort_keys=True,
+                          default=_printable)
+        _write(self.root / f"{base}.json", text.encode("utf-8", "surrogateescape"))
+        return data_path
+
+    def park(self, job_id: str, message: Any, reason: str) -> Path:
+        """Keep a job message that could not be dead-lettered: its body and, as JSON, the rest.
+
+        Written as ``<job id>.message`` (the body, byte for byte) and ``<job id>.json``
+        (properties, headers, delivery info and why it is here). Raises OSError when
+        they cannot be written.
+        """
+        body = message.body
+        raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else bytes(body)
+        meta = {"job_id": job_id, "reason": reason,
+                "properties": {k: v for k, v in message.properties.items()
+                               if k != "application_headers"},
+                "headers": _jsonable(dict(message.headers or {})),
+                "delivery_info": {k: message.delivery_info.get(k)
+                                  for k in ("exchange", "routing_key", "redelivered")}}
+        return self.keep(job_id, meta, raw, suffix=".message")
 
     def _ensure(self) -> None:
         if self._ready:
@@ -135,6 +157,23 @@ def _stem(job_id: str) -> str:
     if _SAFE_STEM.match(job_id):
         return job_id
     return "job-" + hashlib.sha256(job_id.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def _jsonable(value: Any) -> Any:
+    """Return ``value`` with every mapping key a string (AMQP table keys may be bytes)."""
+    if isinstance(value, dict):
+        return {k.decode("utf-8", "surrogateescape") if isinstance(k, bytes) else str(k):
+                _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _printable(value: Any) -> Any:
+    """Return what JSON cannot hold as text (bytes as base64, the rest by ``str``)."""
+    if isinstance(value, bytes | bytearray):
+        return {"base64": base64.b64encode(bytes(value)).decode("ascii")}
+    return str(value)
 
 
 def _write(path: Path, data: bytes | IO[bytes]) -> None:
