@@ -115,3 +115,70 @@ def test_the_node_still_runs_good_jobs_after_every_bad_one(
     assert headers_of(exited)["JobState"] == "Exited"
     assert headers_of(exited)["ExitCode"] == 0
     assert all(proc.poll() is None for proc in workers.procs)
+
+
+KOMBU_ENCODINGS = ["binary", "utf-8", "gzip", "made-up", None]
+
+
+@pytest.mark.parametrize("encoding", KOMBU_ENCODINGS, ids=[str(e) for e in KOMBU_ENCODINGS])
+def test_a_plain_kombu_producers_job_without_cmd_is_rejected_whatever_its_encoding(
+        amqp: kombu.Connection, rejection_pool: tuple[str, Workers], encoding: str | None) -> None:
+    pool, workers = rejection_pool
+    replies = reply_queue(amqp)
+    job_id = uuid.uuid4().hex
+    producer = kombu.Producer(amqp.channel(), exchange=kombu.Exchange("dispatch.jobs",
+                                                                      passive=True))
+    extra = {} if encoding is None else {"content_encoding": encoding}
+    producer.publish(b"", routing_key=pool, headers={"Arguments": "x"}, reply_to=replies,
+                     message_id=job_id, **extra)
+
+    (reply,) = get_messages(amqp, replies, 1)
+    assert headers_of(reply)["JobState"] == "Rejected"
+    assert "Cmd" in headers_of(reply)["Reason"]
+    dead = dead_letter_of(amqp, job_id)
+    assert dead.body in (b"", "")
+    assert all(proc.poll() is None for proc in workers.procs)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "base64", "made-up"])
+def test_an_input_archive_sent_with_an_encoding_that_is_not_raw_bytes_is_rejected_naming_it(
+        amqp: kombu.Connection, rejection_pool: tuple[str, Workers], encoding: str) -> None:
+    pool, _ = rejection_pool
+    replies = reply_queue(amqp)
+    job_id = uuid.uuid4().hex
+    body = _zip_of({"in.txt": b"hello"})
+    publish_job(amqp, pool, {"Cmd": "cat", "Arguments": "in.txt"}, body=body,
+                message_id=job_id, reply_to=replies, content_type="application/zip",
+                content_encoding=encoding)
+    (reply,) = get_messages(amqp, replies, 1)
+    assert headers_of(reply)["JobState"] == "Rejected"
+    assert "content_encoding" in headers_of(reply)["Reason"]
+    assert encoding in headers_of(reply)["Reason"]
+    dead = dead_letter_of(amqp, job_id)
+    assert dead.body == body
+
+
+@pytest.mark.parametrize("encoding", ["binary", "utf-8", None])
+def test_an_input_archive_sent_as_raw_bytes_by_kombu_runs(
+        amqp: kombu.Connection, rejection_pool: tuple[str, Workers], encoding: str | None) -> None:
+    pool, _ = rejection_pool
+    replies = reply_queue(amqp)
+    producer = kombu.Producer(amqp.channel(), exchange=kombu.Exchange("dispatch.jobs",
+                                                                      passive=True))
+    extra = {} if encoding is None else {"content_encoding": encoding}
+    producer.publish(_zip_of({"in.txt": b"hello"}), routing_key=pool,
+                     headers={"Cmd": "cat", "Arguments": "in.txt"}, reply_to=replies,
+                     message_id=uuid.uuid4().hex, content_type="application/zip", **extra)
+    _, exited = get_messages(amqp, replies, 2)
+    assert headers_of(exited)["JobState"] == "Exited"
+    assert headers_of(exited)["ExitCode"] == 0
+    with zipfile.ZipFile(io.BytesIO(exited.body)) as zf:
+        assert zf.read("job.out") == b"hello"  # the input arrived byte for byte
+
+
+def _zip_of(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
