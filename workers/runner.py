@@ -3,7 +3,9 @@
 The runner never blocks: ``start`` spawns the process and returns; the execute
 node's loop learns of the exit through ``RunningJob.fileno()`` (a pidfd) and then
 calls ``archive`` and ``cleanup``. Killing reaches the whole process tree, including children that
-left the job's process group.
+left the job's process group. Where the node can make cgroups (:mod:`workers.cgroups`)
+each job runs in its own, limited to its RequestMemory, RequestCpus and the node's
+process limit, and everything left in it is killed when the job's process ends.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from dispatch.archive import ExtractLimits, safe_extract, zip_directory
 from dispatch.errors import ArchiveError, InvalidMessageError
 from dispatch.job import JobRequest
+from workers.cgroups import MIB, CgroupError, Cgroups, JobCgroup, Limits
 from workers.spawn import Account, Process, spawn
 from workers.spawner import HelperProcess, Spawner, SpawnerError
 
@@ -32,6 +35,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 DEFAULT_KILL_GRACE_S = 5.0
+DEFAULT_CGROUP_ROOT = "/sys/fs/cgroup"
+DEFAULT_JOB_PIDS_MAX = 4096
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,8 @@ class Outcome:
     exit_signal: int | None
     duration_s: float
     removed: bool = False
+    #: Why the node stopped the job or found it over its request (the reply's Reason).
+    reason: str | None = None
 
 
 class RunAs(Account):
@@ -71,8 +78,11 @@ class RunningJob:
     """A started job: its process, working directory and kill schedule."""
 
     def __init__(self, request: JobRequest, workdir: Path, proc: Process,
-                 kill_grace_s: float) -> None:
+                 kill_grace_s: float, cgroup: JobCgroup | None = None) -> None:
         self.request = request
+        #: The job's cgroups: killed when its process ends, removed at cleanup.
+        self.cgroup = cgroup
+        self._reasons: list[str] | None = None
         self.workdir = workdir
         self.proc = proc
         self.started_at = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
@@ -118,6 +128,8 @@ class RunningJob:
             self.kill()
         elif self.killed_at is not None and now >= self.killed_at + self.kill_grace_s:
             signal_tree(self.proc.pid, signal.SIGKILL)
+            if self.cgroup is not None:
+                self.cgroup.kill()
             self.killed_at = now  # and again each grace period until it is gone
 
     def kill(self, *, removed: bool = False) -> None:
@@ -137,9 +149,35 @@ class RunningJob:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
         duration = time.monotonic() - self.started_mono
+        if self._reasons is None:
+            self._reasons = self._end()
+        reason = "; ".join(self._reasons) or None
         if code < 0:
-            return Outcome(None, True, -code, duration, self.removed)
-        return Outcome(code, False, None, duration, self.removed)
+            return Outcome(None, True, -code, duration, self.removed, reason)
+        return Outcome(code, False, None, duration, self.removed, reason)
+
+    def _end(self) -> list[str]:
+        """Kill what the job left in its cgroups; return how it went over its requests."""
+        reasons: list[str] = []
+        if self.cgroup is not None:
+            self.cgroup.kill()  # daemons that left the process group and session too
+            reasons += self.cgroup.reasons()
+        disk_mb = self.request.spec.resources.disk_mb
+        if disk_mb:
+            used = disk_used_bytes(self.workdir)
+            if used > disk_mb * MIB:
+                reasons.append(f"exceeded RequestDisk ({disk_mb} MiB): its working directory "
+                               f"held {used / MIB:.1f} MiB when it ended")
+        for reason in reasons:
+            log.info("job %s: %s", self.request.job_id, reason)
+        return reasons
+
+    def release(self) -> None:
+        """Remove the job's cgroups (its processes were killed when it ended)."""
+        if self.cgroup is not None:
+            self.cgroup.kill()
+            self.cgroup.remove()
+            self.cgroup = None
 
     def close(self) -> None:
         """Release the pidfd."""
@@ -161,6 +199,20 @@ def signal_tree(pid: int, sig: int) -> None:
     for child in escaped:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(child, sig)
+
+
+def disk_used_bytes(root: Path) -> int:
+    """Return the disk space the files under ``root`` take, as ``du`` counts it."""
+    total = 0
+    stack = [str(root)]
+    while stack:
+        with contextlib.suppress(OSError), os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    total += entry.stat(follow_symlinks=False).st_blocks * 512
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+    return total
 
 
 def _descendants(root: int) -> list[int]:
@@ -189,7 +241,8 @@ class Runner:
 
     def __init__(self, workdir_root: Path, run_as: RunAs | None,
                  kill_grace_s: float = DEFAULT_KILL_GRACE_S,
-                 extract_limits: ExtractLimits | None = None) -> None:
+                 extract_limits: ExtractLimits | None = None, *,
+                 node_name: str | None = None) -> None:
         self.workdir_root = workdir_root
         self.run_as = run_as
         self.kill_grace_s = kill_grace_s
@@ -200,6 +253,8 @@ class Runner:
         self._serial = itertools.count(1)
         self._spawner: Spawner | None = None
         self._spawner_failed = False
+        self.cgroups = _node_cgroups(node_name or f"pid-{os.getpid()}")
+        self.pids_max = int(os.environ.get("DISPATCH_JOB_PIDS_MAX", DEFAULT_JOB_PIDS_MAX))
         if run_as is not None:
             self._helper()
 
@@ -275,10 +330,11 @@ class Runner:
                  if spec.stdin else None)
         argv = [spec.command, *spec.arguments]
         proc: Process
+        cgroup = self._cgroup(request, workdir)
         try:
             proc = self._spawn(argv, cwd=workdir, env=env,
                                stdin=_devnull() if stdin is None else stdin, stdout=out,
-                               stderr=err)
+                               stderr=err, cgroup=cgroup)
         except OSError as exc:
             code = 127 if isinstance(exc, FileNotFoundError) else 126
             os.write(err, f"dispatch: cannot run {spec.command!r}: {exc.strerror}\n".encode())
@@ -287,24 +343,41 @@ class Runner:
         finally:
             for fd in {out, err} if stdin is None else {stdin, out, err}:
                 os.close(fd)
-        return RunningJob(request, workdir, proc, self.kill_grace_s)
+        return RunningJob(request, workdir, proc, self.kill_grace_s, cgroup)
+
+    def _cgroup(self, request: JobRequest, workdir: Path) -> JobCgroup | None:
+        """Make the job's cgroups; None (the job runs unconfined) when there are none."""
+        if self.cgroups is None:
+            return None
+        res = request.spec.resources
+        try:
+            return self.cgroups.create(workdir.name, Limits(res.memory_mb, res.cpus,
+                                                            self.pids_max))
+        except OSError as exc:
+            log.error("job %s: cannot make its cgroups, it runs without limits: %s",
+                      request.job_id, exc)
+            return None
 
     def _spawn(self, argv: list[str], *, cwd: Path, env: dict[str, str], stdin: int,
-               stdout: int, stderr: int) -> Process:
+               stdout: int, stderr: int, cgroup: JobCgroup | None = None) -> Process:
+        """Start the job; its starter stands in ``cgroup`` meanwhile: the job is born there."""
         if self.run_as is None:
-            return spawn(argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
-                         account=None)
+            with _inside(cgroup, None):
+                return spawn(argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout,
+                             stderr=stderr, account=None)
         for _ in range(2):  # a helper that died is replaced once
             helper = self._helper()
             if helper is None:
                 break
             try:
-                return helper.spawn(argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout,
-                                    stderr=stderr)
+                with _inside(cgroup, helper.helper_pid):
+                    return helper.spawn(argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout,
+                                        stderr=stderr)
             except SpawnerError:
                 continue
-        return spawn(argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
-                     account=self.run_as)
+        with _inside(cgroup, None):
+            return spawn(argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
+                         account=self.run_as)
 
     def _helper(self) -> Spawner | None:
         """Return the running job spawner, starting one if needed; None to fork instead."""
@@ -331,8 +404,29 @@ class Runner:
         return zip_directory(job.workdir)
 
     def cleanup(self, job: RunningJob) -> None:
-        """Remove the job's working directory (after its reply is on its way)."""
+        """Remove the job's working directory and cgroups (after its reply is on its way)."""
+        job.release()
         remove_tree(job.workdir, job.listing)
+
+
+def _inside(cgroup: JobCgroup | None, pid: int | None) -> contextlib.AbstractContextManager[None]:
+    """Keep ``pid`` (None: this thread) in ``cgroup``, if any, for a spawn."""
+    return contextlib.nullcontext() if cgroup is None else cgroup.holding(pid)
+
+
+def _node_cgroups(node: str) -> Cgroups | None:
+    """Return the node's cgroups, or None after saying, once, why jobs run without."""
+    root = Path(os.environ.get("DISPATCH_CGROUP_ROOT") or DEFAULT_CGROUP_ROOT)
+    try:
+        cgroups = Cgroups.detect(root, node)
+    except CgroupError as exc:
+        log.warning("%s; jobs run without cgroups: RequestMemory and RequestCpus are "
+                    "accounted, not enforced (TimeLimit and RequestDisk still are)", exc)
+        return None
+    cgroups.sweep()
+    log.info("jobs run in their own cgroups (%s): RequestMemory, RequestCpus and a process "
+             "limit enforced", cgroups.describe())
+    return cgroups
 
 
 def remove_tree(path: Path, names: Sequence[str] | None = None) -> None:
