@@ -151,7 +151,11 @@ def envelope(properties: Mapping[str, Any], raw_headers: Mapping[str, Any]) -> E
     """Return the reply envelope of a request; never raises on bad headers."""
     quoted = any(isinstance(v, str) and len(v) >= 2 and v[0] == v[-1] == '"'
                  for v in raw_headers.values())
-    job_id = properties.get("message_id") or _text(raw_headers.get(JOB_ID)) or str(uuid.uuid4())
+    # A job id travels back as a reply's message_id, an AMQP short string.
+    header_id = _text(raw_headers.get(JOB_ID))
+    if header_id and len(header_id.encode("utf-8", "surrogatepass")) > 255:
+        header_id = None
+    job_id = properties.get("message_id") or header_id or str(uuid.uuid4())
     reply: ReplyAddress | None = None
     reply_to = properties.get("reply_to")
     if reply_to:
