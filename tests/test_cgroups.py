@@ -45,10 +45,11 @@ def _node(workers: Workers, pool: str, *args: str) -> str:
 
 
 def _job_dirs(node: str) -> list[str]:
-    """Return the job cgroups that exist now under the node's directory in every hierarchy."""
+    """Return the job cgroups under the node's directory in every hierarchy, but the spare."""
     bases = [CGROUP_ROOT / "dispatch" / node] if V2 else [
         CGROUP_ROOT / c / "dispatch" / node for c in ("memory", "pids", "cpu", "unified")]
-    return [str(d) for base in bases if base.is_dir() for d in base.iterdir() if d.is_dir()]
+    return [str(d) for base in bases if base.is_dir() for d in base.iterdir()
+            if d.is_dir() and not d.name.startswith("next.")]  # the next job's, made ahead
 
 
 def _gone(pid: int) -> bool:

@@ -1,21 +1,19 @@
 """Per-job cgroups: memory, cpu and pids limits, and a kill that reaches every process.
 
-Two layouts are handled, found under one root (``DISPATCH_CGROUP_ROOT``, default
-``/sys/fs/cgroup``):
+Two layouts are found under one root (``DISPATCH_CGROUP_ROOT``, default ``/sys/fs/cgroup``):
 
-- **v2**: the root is a cgroup2 directory whose ``cgroup.controllers`` offers memory and
-  pids. Each job gets ``<root>/dispatch/<node>/<job>`` with ``memory.max`` (and
-  ``memory.swap.max`` 0), ``cpu.max`` and ``pids.max``; ``cgroup.kill`` ends it.
-- **hybrid v1**: cgroup v1 controllers mounted at ``<root>/memory``, ``<root>/pids`` and
-  ``<root>/cpu``, cgroup2 (no controllers) at ``<root>/unified``. The job gets
-  ``dispatch/<node>/<job>`` in each: ``memory.limit_in_bytes`` (and
-  ``memory.memsw.limit_in_bytes``, so no swap), ``pids.max``, ``cpu.cfs_quota_us``; the
-  unified one's ``cgroup.kill`` ends it (without one, every pid in the pids cgroup is killed
-  until none is left).
+- **v2**: the root's ``cgroup.controllers`` offers memory and pids. A job gets
+  ``<root>/dispatch/<node>/<job>`` with ``memory.max`` (``memory.swap.max`` 0), ``cpu.max``
+  and ``pids.max``; ``cgroup.kill`` ends it.
+- **hybrid v1**: v1 controllers at ``<root>/memory``, ``pids`` and ``cpu``, cgroup2 without
+  controllers at ``<root>/unified``. A job gets ``dispatch/<node>/<job>`` in each, with
+  ``memory.limit_in_bytes`` (and ``memory.memsw.limit_in_bytes``: no swap), ``pids.max`` and
+  ``cpu.cfs_quota_us``; the unified one's ``cgroup.kill`` ends it (without it, every pid in
+  the job's cgroups is killed until none is left).
 
 A job is put in its cgroups race-free and without an extra exec: whoever starts it (this
-thread, or the root worker's spawner helper) is moved into the job's cgroups just before
-the spawn and back just after, and the job inherits them from its first instruction.
+thread, or the root worker's spawner helper) stands in the job's cgroups for the spawn
+and goes back right after, so the job is born there, and so is everything it forks.
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,12 +125,12 @@ class Cgroups:
         dirs = ", ".join(h.node_dir for h in self.hierarchies)
         return f"cgroup {self.version} under {dirs}"
 
-    def sweep(self) -> None:
-        """Remove empty job cgroups an earlier run of this node left behind."""
+    def sweep(self, in_use: Callable[[str], bool]) -> None:
+        """Remove the empty job cgroups left behind, those whose name is not ``in_use``."""
         for h in self.hierarchies:
             with os.scandir(h.node_dir) as entries:
                 for entry in entries:
-                    if entry.is_dir(follow_symlinks=False):
+                    if entry.is_dir(follow_symlinks=False) and not in_use(entry.name):
                         with contextlib.suppress(OSError):
                             os.rmdir(entry.path)
 
@@ -184,21 +182,17 @@ class JobCgroup:
                     _write(f"{directory}/cgroup.kill", "1")
                     return
         for _, directory in self.dirs:
-            for pid in _pids(directory):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(FileNotFoundError):
+                for pid in _read(f"{directory}/cgroup.procs").split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
 
     def reasons(self) -> list[str]:
         """Return why the job's cgroups stopped it, if they did (the out-of-memory killer)."""
         found: list[str] = []
         for h, directory in self.dirs:
-            if h.kind == "v2" and self.limits.memory_mb:
-                oom = _field(f"{directory}/memory.events", "oom_kill")
-            elif h.kind == "memory":
-                oom = _field(f"{directory}/memory.oom_control", "oom_kill")
-            else:
-                oom = 0
-            if oom:
+            events = {"v2": "memory.events", "memory": "memory.oom_control"}.get(h.kind)
+            if events and self.limits.memory_mb and _field(f"{directory}/{events}", "oom_kill"):
                 found.append(f"exceeded RequestMemory ({self.limits.memory_mb} MiB): "
                              f"killed by the out-of-memory killer")
             refused = _field(f"{directory}/pids.events", "max") if h.kind in ("v2", "pids") else 0
@@ -275,13 +269,6 @@ def _home(directory: Path, homes: dict[str, str], controller: str) -> str:
     while not os.path.ismount(mount) and mount.parent != mount:
         mount = mount.parent
     return str(mount / homes.get(controller, "/").lstrip("/"))
-
-
-def _pids(directory: str) -> list[int]:
-    try:
-        return [int(p) for p in _read(f"{directory}/cgroup.procs").split()]
-    except FileNotFoundError:
-        return []
 
 
 def _field(path: str, name: str) -> int:

@@ -17,6 +17,7 @@ import itertools
 import logging
 import os
 import pwd
+import re
 import shutil
 import signal
 import time
@@ -255,6 +256,8 @@ class Runner:
         self._spawner_failed = False
         self.cgroups = _node_cgroups(node_name or f"pid-{os.getpid()}")
         self.pids_max = int(os.environ.get("DISPATCH_JOB_PIDS_MAX", DEFAULT_JOB_PIDS_MAX))
+        self._spare: JobCgroup | None = None
+        self._make_spare()
         if run_as is not None:
             self._helper()
 
@@ -272,7 +275,16 @@ class Runner:
             self._spawner = None
 
     def close(self) -> None:
-        """Stop the job spawner, if one runs (jobs it started run on, as orphans)."""
+        """Stop the job spawner, if one runs (jobs it started run on, as orphans).
+
+        The node's cgroup directories go too, unless jobs still run in them.
+        """
+        if self._spare is not None:
+            self._spare.remove()
+            self._spare = None
+        for h in self.cgroups.hierarchies if self.cgroups is not None else ():
+            with contextlib.suppress(OSError):  # still holds jobs (or a twin's spare)
+                os.rmdir(h.node_dir)
         if self._spawner is not None:
             self._spawner.close()
             self._spawner = None
@@ -350,13 +362,23 @@ class Runner:
         if self.cgroups is None:
             return None
         res = request.spec.resources
+        limits = Limits(res.memory_mb, res.cpus, self.pids_max)
+        if self._spare is not None and self._spare.limits == limits:
+            spare, self._spare = self._spare, None
+            return spare
         try:
-            return self.cgroups.create(workdir.name, Limits(res.memory_mb, res.cpus,
-                                                            self.pids_max))
+            return self.cgroups.create(workdir.name, limits)
         except OSError as exc:
             log.error("job %s: cannot make its cgroups, it runs without limits: %s",
                       request.job_id, exc)
             return None
+
+    def _make_spare(self) -> None:
+        """Make the next plain job's cgroups ahead, between jobs, off its start's path."""
+        if self.cgroups is not None and self._spare is None:
+            name = f"next.{self._tag}{next(self._serial)}"
+            with contextlib.suppress(OSError):
+                self._spare = self.cgroups.create(name, Limits(0, 1, self.pids_max))
 
     def _spawn(self, argv: list[str], *, cwd: Path, env: dict[str, str], stdin: int,
                stdout: int, stderr: int, cgroup: JobCgroup | None = None) -> Process:
@@ -407,11 +429,26 @@ class Runner:
         """Remove the job's working directory and cgroups (after its reply is on its way)."""
         job.release()
         remove_tree(job.workdir, job.listing)
+        self._make_spare()
 
 
 def _inside(cgroup: JobCgroup | None, pid: int | None) -> contextlib.AbstractContextManager[None]:
     """Keep ``pid`` (None: this thread) in ``cgroup``, if any, for a spawn."""
     return contextlib.nullcontext() if cgroup is None else cgroup.holding(pid)
+
+
+def _started_by_a_live_process(name: str) -> bool:
+    """Tell whether a job cgroup's (or directory's) name carries a live runner's pid tag."""
+    found = re.search(r"\.([0-9a-f]+)-[0-9]+$", name)
+    if found is None:
+        return False
+    try:
+        os.kill(int(found.group(1), 16), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _node_cgroups(node: str) -> Cgroups | None:
@@ -423,7 +460,7 @@ def _node_cgroups(node: str) -> Cgroups | None:
         log.warning("%s; jobs run without cgroups: RequestMemory and RequestCpus are "
                     "accounted, not enforced (TimeLimit and RequestDisk still are)", exc)
         return None
-    cgroups.sweep()
+    cgroups.sweep(_started_by_a_live_process)
     log.info("jobs run in their own cgroups (%s): RequestMemory, RequestCpus and a process "
              "limit enforced", cgroups.describe())
     return cgroups
