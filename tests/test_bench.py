@@ -32,7 +32,7 @@ def test_the_listener_of_a_port_is_found_and_a_free_port_has_none():
 def test_a_worker_tree_counts_its_live_children_and_the_jobs_they_reaped():
     # A parent whose child burns CPU in a grandchild it reaps, then stays alive.
     script = ("import subprocess, sys, time;"
-              "subprocess.run([sys.executable, '-c', 'x = 0\\nwhile x < 3_000_000: x += 1']);"
+              "subprocess.run([sys.executable, '-c', 'x = 0\\nwhile x < 10_000_000: x += 1']);"
               "print('done', flush=True); time.sleep(30)")
     launcher = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {script!r}])"
     with subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE,
@@ -68,9 +68,7 @@ def test_the_bench_measures_dispatch_celery_and_the_floor_and_writes_its_run(bro
     result = json.loads(written.read_text())
     for phase in (result["dispatch"]["throughput_2slot"], result["celery"]["throughput"]):
         assert phase["jobs"] == 40 and phase["jobs_per_s"] > 0
-        used = phase["cpu_ms_per_job"]
-        # The test broker runs on this machine: its process is found and did work.
-        assert used["broker"] > 0 and used["worker"] > 0 and used["client"] > 0
+        _assert_cpu_measured(phase["cpu_ms_per_job"])
     assert result["dispatch"]["latency"]["jobs"] == 20
     assert set(result["advantage"]) == {"latency_p50", "latency_p99", "throughput"}
     # Both minimal dispatchers ran every job through their two worker processes.
@@ -78,7 +76,17 @@ def test_the_bench_measures_dispatch_celery_and_the_floor_and_writes_its_run(bro
     for variant in result["minimal"].values():
         assert variant["latency"]["jobs"] == 20
         assert variant["throughput"]["jobs"] == 40 and variant["throughput"]["processes"] == 2
-        used = variant["throughput"]["cpu_ms_per_job"]
-        assert used["broker"] > 0 and used["worker"] > 0 and used["client"] > 0
+        _assert_cpu_measured(variant["throughput"]["cpu_ms_per_job"])
     assert "the same work by a minimal dispatcher" in run.stdout
     assert "| throughput (jobs/s), 2 at once" in run.stdout.split("minimal dispatcher")[1]
+
+
+def _assert_cpu_measured(used: dict[str, float | None]) -> None:
+    """Each side was measured: the test broker runs here, so its process was found.
+
+    How much CPU a 40-job phase shows is a sample (other processes are read in 10 ms
+    ticks): only that every side has a reading, never less than none, is guaranteed.
+    """
+    assert set(used) == {"broker", "worker", "client"}
+    for side, value in used.items():
+        assert value is not None and value >= 0, f"{side}: {value}"
