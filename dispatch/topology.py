@@ -96,6 +96,15 @@ def pool_queues(pool: str, queue_type: str = CLASSIC) -> list[tuple[str, str]]:
     return [(level, pool_queue(pool, level)) for level in PRIORITY_LEVELS]
 
 
+def pool_queue_names(pool: str, queue_type: str = CLASSIC) -> list[str]:
+    """Return the names of every queue of a pool, highest level first.
+
+    Whatever counts a pool's waiting jobs reads all of them: one classic queue, or on
+    quorum queues one queue a priority level (high, normal, low).
+    """
+    return [queue for _, queue in pool_queues(pool, queue_type)]
+
+
 def pool_queue_arguments(queue_type: str = CLASSIC) -> dict[str, object]:
     """Return the queue arguments every pool queue is declared with.
 

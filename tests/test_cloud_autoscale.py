@@ -10,7 +10,7 @@ import pytest
 from cloud_fixtures import IMAGE
 from openstack_double import OpenStackDouble
 
-from dispatch import broker
+from dispatch import broker, topology
 from dispatch.client import Client
 from dispatch.job import JobSpec
 from workers.cloud import reaper, scaler
@@ -44,6 +44,22 @@ def test_waiting_jobs_boot_nodes_up_to_the_node_quota_and_no_more(
     assert {s.flavor_id for s in cloud.servers()} == {"1"}
     assert scaler.autoscale(cloud, settings) == []  # booting nodes count; the quota is full
     assert len(cloud_double.calls("POST", r"/servers$")) == 3
+
+
+def test_jobs_waiting_at_every_priority_level_of_a_quorum_pool_boot_nodes(
+        cloud: Cloud, cloud_env: dict[str, str], pool: str, vhost_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISPATCH_QUEUE_TYPE", topology.QUORUM)
+    settings = CloudSettings.from_env({**cloud_env, "DISPATCH_BROKER_URL": vhost_url,
+                                       "DISPATCH_CLOUD_POOLS": pool,
+                                       "DISPATCH_CLOUD_MAX_NODES": "5"})
+    with kombu.Connection(vhost_url, heartbeat=0) as conn, Client(vhost_url) as client:
+        broker.declare_pool_queues(conn.default_channel, pool)  # no node: the jobs wait
+        for priority in (9, 9, 1):  # two high, one low, none at the normal level
+            client.submit(JobSpec("true", pool=pool, priority=priority))
+    assert scaler.queue_depth(vhost_url, pool) == 3
+    booted = scaler.autoscale(cloud, settings)
+    assert [(b["pool"], len(b["servers"])) for b in booted] == [(pool, 3)]
 
 
 def test_booting_nodes_count_against_the_waiting_jobs() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from dispatch import events, schema, topology
+from dispatch import broker, events, schema, topology
 from dispatch.errors import InvalidMessageError
 from dispatch.events import Event
 from workers import dashboard_nodes
@@ -212,6 +212,29 @@ def test_active_queues_have_celerys_queue_shape_for_each_pool() -> None:
     assert queues[0]["exchange"]["name"] == topology.jobs_exchange()
     assert queues[0]["queue_arguments"] == topology.pool_queue_arguments()
     assert {"alias", "bindings", "no_ack", "exclusive", "auto_delete"} <= set(queues[0])
+
+
+def test_active_queues_of_a_quorum_pool_name_each_level_queue_as_the_broker_has_it(
+        vhost_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISPATCH_QUEUE_TYPE", topology.QUORUM)
+    queues = answers_for().active_queues(NODE)
+    assert [q["name"] for q in queues] == [
+        *topology.pool_queue_names("default", topology.QUORUM),
+        *topology.pool_queue_names("gpu", topology.QUORUM)]
+    with broker.connect(vhost_url, heartbeat_s=0) as conn:
+        channel = conn.default_channel
+        levels = broker.declare_pool_queues(channel, "default", topology.QUORUM)
+        for level in (topology.HIGH, topology.LOW):
+            channel.basic_publish(broker.message(b"", {"Cmd": "x"}),
+                                  exchange=topology.jobs_exchange(level), routing_key="default")
+        depth = 0
+        for queue, (level, _) in zip(queues[:3], levels, strict=True):
+            assert queue["exchange"]["name"] == topology.jobs_exchange(level)
+            # Declared as Flower is told it is: the broker refuses (406) any other arguments.
+            depth += channel.queue_declare(queue["name"], durable=queue["durable"],
+                                           auto_delete=queue["auto_delete"],
+                                           arguments=queue["queue_arguments"])[1]
+    assert depth == 2
 
 
 def test_stats_active_and_registered_come_from_the_heartbeat_and_claims() -> None:

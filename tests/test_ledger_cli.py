@@ -10,7 +10,7 @@ import sys
 import pytest
 from ledger_events import heartbeat, job, request
 
-from dispatch import broker, events
+from dispatch import broker, events, topology
 from dispatch.events import Event
 from dispatch.ledger import Ledger
 
@@ -48,8 +48,11 @@ def db(tmp_path) -> str:
     return url
 
 
-def _cli(db: str, *args: str, url: str | None = None) -> subprocess.CompletedProcess[str]:
+def _cli(db: str, *args: str, url: str | None = None,
+         queue_type: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DISPATCH_LEDGER_URL": db}
+    if queue_type:
+        env["DISPATCH_QUEUE_TYPE"] = queue_type
     if url:
         env["DISPATCH_BROKER_URL"] = url
     done = subprocess.run([sys.executable, "-m", "dispatch", *args], capture_output=True,
@@ -94,6 +97,19 @@ def test_stat_draws_slots_and_reads_queue_depths_from_the_broker(db, vhost_url):
     pools = json.loads(_cli(db, "stat", "--json", url=vhost_url).stdout)["pools"]
     assert pools == [{"pool": "p", "nodes": 2, "slots": 6, "free": 5, "queued": 1,
                       "consumers": 0}]
+
+
+def test_stat_counts_the_jobs_waiting_at_every_priority_level_of_a_quorum_pool(db, vhost_url):
+    with broker.connect(vhost_url) as conn:
+        levels = dict(broker.declare_pool_queues(conn.default_channel, "p", topology.QUORUM))
+        for level in (topology.HIGH, topology.HIGH, topology.LOW):
+            conn.default_channel.basic_publish(broker.message(b"", {"Cmd": "x"}),
+                                               exchange=topology.jobs_exchange(level),
+                                               routing_key="p")
+        assert conn.default_channel.queue_declare(levels[topology.NORMAL], passive=True)[1] == 0
+    pools = json.loads(_cli(db, "stat", "--json", url=vhost_url,
+                            queue_type=topology.QUORUM).stdout)["pools"]
+    assert [(p["pool"], p["queued"], p["consumers"]) for p in pools] == [("p", 3, 0)]
 
 
 @pytest.mark.parametrize(("job_id", "expected"), [

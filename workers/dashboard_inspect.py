@@ -20,7 +20,7 @@ from typing import Any
 import kombu
 import kombu.pidbox
 
-from dispatch import topology
+from dispatch import broker, topology
 from workers.dashboard_events import hostname, mapping
 from workers.dashboard_nodes import NodeBook, NodeView, epoch
 
@@ -35,9 +35,12 @@ Handler = Callable[..., Any]
 class Answers:
     """Builds each inspect reply for one node from the :class:`NodeBook`."""
 
-    def __init__(self, book: NodeBook, broker_info: Mapping[str, Any]) -> None:
+    def __init__(self, book: NodeBook, broker_info: Mapping[str, Any],
+                 queue_type: str | None = None) -> None:
         self.book = book
         self.broker_info = dict(broker_info)
+        #: classic or quorum (``DISPATCH_QUEUE_TYPE`` unless given): which queues a pool has.
+        self.queue_type = broker.queue_type_in_use(queue_type)
 
     def handlers(self) -> _Handlers:
         """Return the pidbox handler table (``handler(node_name, **arguments)``)."""
@@ -73,9 +76,13 @@ class Answers:
         }
 
     def active_queues(self, node: str, **_: Any) -> list[dict[str, Any]]:
-        """Answer ``active_queues``: each pool queue the node serves, as Celery shapes it."""
+        """Answer ``active_queues``: every queue of each pool the node serves, Celery-shaped.
+
+        Flower's broker page shows the depth of the queues named here: on quorum queues
+        that is each pool's three priority-level queues.
+        """
         pools = self.book.node(node).heartbeat.get("pools") or []
-        return [_queue(str(p)) for p in pools]
+        return [q for p in pools for q in _queues(str(p), self.queue_type)]
 
     def registered(self, node: str, **_: Any) -> list[str]:
         """Answer ``registered``: the job names this node has run or runs."""
@@ -138,16 +145,18 @@ def _ignore(node: str, **_: Any) -> None:
     return None
 
 
-def _queue(pool: str) -> dict[str, Any]:
-    """Return a pool queue in the shape of ``kombu.Queue.as_dict(recurse=True)``."""
+def _queues(pool: str, queue_type: str) -> list[dict[str, Any]]:
+    """Return a pool's queues in the shape of ``kombu.Queue.as_dict(recurse=True)``."""
     try:
-        name = topology.pool_queue(pool)
+        levels = topology.pool_queues(pool, queue_type)
     except ValueError:
-        return dict(kombu.Queue(pool).as_dict(recurse=True))
-    exchange = kombu.Exchange(topology.jobs_exchange(), "direct", durable=True)
-    queue = kombu.Queue(name, exchange, routing_key=pool, durable=True,
-                        queue_arguments=topology.pool_queue_arguments())
-    return dict(queue.as_dict(recurse=True))
+        return [dict(kombu.Queue(pool).as_dict(recurse=True))]
+    arguments = topology.pool_queue_arguments(queue_type)
+    return [dict(kombu.Queue(name, kombu.Exchange(topology.jobs_exchange(level), "direct",
+                                                  durable=True),
+                             routing_key=pool, durable=True,
+                             queue_arguments=arguments).as_dict(recurse=True))
+            for level, name in levels]
 
 
 class Pidboxes:

@@ -213,21 +213,34 @@ def slots_bar(used: int, total: int) -> str:
     return f"[{'*' * used}{'.' * (total - used)}]"
 
 
-def queue_depths(broker_url: str, pools: list[str]) -> dict[str, dict[str, int] | None]:
-    """Return ``{pool: {ready, consumers}}`` by passive declares; None for a missing queue."""
+def queue_depths(broker_url: str, pools: list[str],
+                 queue_type: str | None = None) -> dict[str, dict[str, int] | None]:
+    """Return ``{pool: {ready, consumers}}`` by passive declares; None for a missing pool.
+
+    ``ready`` counts every queue of the pool (on quorum queues, all three priority
+    levels); ``consumers`` is the most any of them has, as a node consumes every level.
+    """
+    kind = broker.queue_type_in_use(queue_type)
     out: dict[str, dict[str, int] | None] = {}
     with broker.connect(broker_url) as conn:
         for pool in pools:
-            try:
-                with broker.translated(f"looking at pool {pool}"):
-                    channel = conn.channel()
-                    _, ready, consumers = channel.queue_declare(topology.pool_queue(pool),
-                                                                passive=True)
-                    channel.close()
-                out[pool] = {"ready": ready, "consumers": consumers}
-            except BrokerError:
-                out[pool] = None
+            counts = [_queue_counts(conn, pool, q) for q in topology.pool_queue_names(pool, kind)]
+            found = [c for c in counts if c is not None]
+            out[pool] = ({"ready": sum(r for r, _ in found),
+                          "consumers": max(c for _, c in found)} if found else None)
     return out
+
+
+def _queue_counts(conn: Any, pool: str, queue: str) -> tuple[int, int] | None:
+    """Return ``(ready, consumers)`` of one queue, or None when it is missing."""
+    try:
+        with broker.translated(f"looking at pool {pool}"):
+            channel = conn.channel()  # a missing queue closes it: never the caller's
+            _, ready, consumers = channel.queue_declare(queue, passive=True)
+            channel.close()
+    except BrokerError:
+        return None
+    return int(ready), int(consumers)
 
 
 def _node_row(n: NodeRecord, now: datetime.datetime) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import amqp.exceptions
+import kombu
 
 from dispatch import broker, topology
 from workers.cloud import metadata, provisioner, reaper
@@ -44,19 +45,29 @@ def shortfall(depth: int, needs: Sequence[Need], free_slots: int, booting_slots:
     return math.ceil(missing / max(1, slots_per_node)) if missing > 0 else 0
 
 
-def queue_depth(broker_url: str, pool: str) -> int:
-    """Return how many messages are ready in a pool's queue (0 when it does not exist)."""
+def queue_depth(broker_url: str, pool: str, queue_type: str | None = None) -> int:
+    """Return how many messages are ready in a pool's queues (0 for those that do not exist).
+
+    On quorum queues a pool has a queue a priority level: jobs waiting at any level count.
+    """
+    names = topology.pool_queue_names(pool, broker.queue_type_in_use(queue_type))
     conn = broker.connect(broker_url, heartbeat_s=0)
     try:
         with broker.translated(f"reading the depth of pool {pool}"):
-            channel = conn.channel()
-            try:
-                _, depth, _ = channel.queue_declare(topology.pool_queue(pool), passive=True)
-            except amqp.exceptions.NotFound:
-                return 0
-            return int(depth)
+            return sum(_ready(conn, name) for name in names)
     finally:
         conn.release()
+
+
+def _ready(conn: kombu.Connection, queue: str) -> int:
+    """Return the ready messages of one queue, asked on a channel of its own (0 if missing)."""
+    channel = conn.channel()  # a missing queue closes the channel it was asked on
+    try:
+        _, depth, _ = channel.queue_declare(queue, passive=True)
+    except amqp.exceptions.NotFound:
+        return 0
+    channel.close()
+    return int(depth)
 
 
 def waiting_needs(ledger_url: str | None, pool: str) -> list[Need]:
