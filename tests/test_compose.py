@@ -6,7 +6,8 @@ package's own `docker-compose config`, and by `docker compose config` where the 
 exists. Every command is parsed by the real CLI it names (dispatch's click group, celery's),
 every variable is in the one table of docs/operations.md with the default of
 deploy/dispatch.env.example, and every DISPATCH_* variable handed to a container is read by
-the code (or by the service's own command line).
+the code (or by the service's own command line). The "cluster" profile's three brokers and
+deploy/compose.cluster.yaml, which points the Dispatch services at them, get the same checks.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 import jsonschema
@@ -32,11 +34,14 @@ from celery.bin.celery import celery as celery_group
 from cli_parse import parse
 from flower.options import options as flower_options
 
+from dispatch import broker, topology
 from dispatch.config import VARIABLES as CLIENT
 from workers.cloud.settings import VARIABLES as CLOUD
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
+CLUSTER_OVERLAY = ROOT / "deploy" / "compose.cluster.yaml"
+CLUSTER_NODES = ("rabbitmq-1", "rabbitmq-2", "rabbitmq-3")
 ENV_EXAMPLE = ROOT / "deploy" / "dispatch.env.example"
 OPERATIONS = ROOT / "docs" / "operations.md"
 SPEC_SCHEMA = Path("/usr/lib/python3/dist-packages/compose/config/compose_spec.json")
@@ -45,7 +50,7 @@ RABBIT_SCHEMAS = sorted(Path("/usr/lib/rabbitmq/lib").glob(
 
 #: Variables the third-party images read, by image (they are not ours to check in code).
 IMAGE_VARIABLES = {
-    "rabbitmq": {"RABBITMQ_DEFAULT_USER", "RABBITMQ_DEFAULT_PASS"},
+    "rabbitmq": {"RABBITMQ_DEFAULT_USER", "RABBITMQ_DEFAULT_PASS", "RABBITMQ_ERLANG_COOKIE"},
     "postgres": {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"},
 }
 _VAR = re.compile(r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?P<op>:?[-?])?(?P<arg>[^}]*)\}"
@@ -54,11 +59,16 @@ _VAR = re.compile(r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?P<op>:?[-?])?(?P<
 
 # -- reading the files ------------------------------------------------------------------
 
-def load_compose() -> dict[str, Any]:
-    """Return compose.yaml as YAML reads it (anchors and merge keys resolved)."""
-    data = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+def load_compose(path: Path = COMPOSE) -> dict[str, Any]:
+    """Return compose.yaml (or another compose file) as YAML reads it (anchors resolved)."""
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
     assert isinstance(data, dict)
     return data
+
+
+def load_overlay() -> dict[str, Any]:
+    """Return deploy/compose.cluster.yaml as YAML reads it."""
+    return load_compose(CLUSTER_OVERLAY)
 
 
 def env_example() -> dict[str, str]:
@@ -189,18 +199,30 @@ def _compose_clis() -> list[list[str]]:
     return found
 
 
+def _compose_config(cli: list[str], env_file: Path, *args: str) -> dict[str, dict[str, Any]]:
+    """Return the services ``config`` prints for compose.yaml (and ``args``), or fail."""
+    done = subprocess.run([*cli, "-f", str(COMPOSE), *args, "--env-file", str(env_file),
+                           "config"], capture_output=True, text=True, timeout=60, check=False,
+                          cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    # The output is a compose file again: `$$` stays escaped until it is read.
+    services = interpolate(yaml.safe_load(done.stdout)["services"], {})
+    assert isinstance(services, dict)
+    return services
+
+
+def _example_env_file(tmp_path: Path) -> Path:
+    env_file = tmp_path / "site.env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in example_env().items()))
+    return env_file
+
+
 def test_docker_compose_config_accepts_the_file_with_the_example_settings(tmp_path):
     clis = _compose_clis()
     assert clis, "no docker-compose here: run scripts/setup (Debian's docker-compose package)"
-    env_file = tmp_path / "site.env"
-    env_file.write_text("".join(f"{k}={v}\n" for k, v in example_env().items()))
+    env_file = _example_env_file(tmp_path)
     for cli in clis:
-        done = subprocess.run([*cli, "-f", str(COMPOSE), "--env-file", str(env_file),
-                               "--profile", "cloud", "config"], capture_output=True, text=True,
-                              timeout=60, check=False, cwd=ROOT)
-        assert done.returncode == 0, done.stderr
-        # The output is a compose file again: `$$` stays escaped until it is read.
-        services = interpolate(yaml.safe_load(done.stdout)["services"], {})
+        services = _compose_config(cli, env_file, "--profile", "cloud", "--profile", "cluster")
         assert set(services) == set(load_compose()["services"])
         ours = interpolate(load_compose(), example_env())["services"]
         for name, service in services.items():
@@ -216,6 +238,75 @@ def test_docker_compose_config_refuses_to_run_without_the_passwords(tmp_path):
                               capture_output=True, text=True, timeout=60, check=False, cwd=ROOT)
         assert done.returncode != 0
         assert "set DISPATCH_" in done.stderr and "_PASSWORD" in done.stderr
+
+
+# -- the cluster profile ----------------------------------------------------------------
+
+def test_the_cluster_brokers_exist_only_in_the_cluster_profile():
+    services = load_compose()["services"]
+    in_profile = {name for name, service in services.items()
+                  if "cluster" in service.get("profiles", [])}
+    assert in_profile == set(CLUSTER_NODES)
+    for name in CLUSTER_NODES:
+        assert services[name]["profiles"] == ["cluster"], name
+    # Nothing outside the profile waits for a cluster node (it would start it).
+    for name, service in services.items():
+        if name not in in_profile:
+            assert not set(service.get("depends_on", {})) & in_profile, name
+
+
+def test_each_cluster_broker_has_a_fixed_node_name_its_own_data_and_the_shared_cookie():
+    services = _services()
+    names = {f"rabbit@{services[n]['hostname']}" for n in CLUSTER_NODES}
+    listed = _broker_settings(ROOT / example_env()["DISPATCH_RABBITMQ_CLUSTER_CONF"],
+                              prefix="cluster_formation.classic_config.nodes.")
+    assert names == set(listed.values())
+    data = set()
+    for name in CLUSTER_NODES:
+        node = services[name]
+        assert node["hostname"] == name
+        assert node["environment"]["RABBITMQ_ERLANG_COOKIE"] == example_env()[
+            "DISPATCH_ERLANG_COOKIE"]
+        targets = {v.split(":")[1]: v.split(":")[0] for v in node["volumes"]}
+        assert targets["/etc/rabbitmq/conf.d/30-cluster.conf"] == "./deploy/rabbitmq-cluster.conf"
+        assert targets["/etc/rabbitmq/conf.d/20-dispatch.conf"] == "./deploy/rabbitmq.conf"
+        data.add(targets["/var/lib/rabbitmq"])
+        assert node["healthcheck"] == services["rabbitmq"]["healthcheck"]
+    assert len(data) == 3 and services["rabbitmq-1"].get("depends_on") is None
+    for name in CLUSTER_NODES[1:]:  # they join rabbitmq-1 once it has formed the cluster
+        assert services[name]["depends_on"] == {"rabbitmq-1": {"condition": "service_healthy"}}
+
+
+def test_docker_compose_config_accepts_the_cluster_profile_and_its_overlay(tmp_path):
+    clis = _compose_clis()
+    assert clis, "no docker-compose here: run scripts/setup (Debian's docker-compose package)"
+    env_file = _example_env_file(tmp_path)
+    ours = _services()
+    for cli in clis:
+        services = _compose_config(cli, env_file, "--profile", "cluster")
+        assert set(CLUSTER_NODES) <= set(services)
+        assert services["worker"]["environment"] == ours["worker"]["environment"]
+        merged = _compose_config(cli, env_file, "-f", str(CLUSTER_OVERLAY),
+                                 "--profile", "cluster")
+        assert set(merged) == set(services)  # the overlay adds no service
+        for name in ("worker", "ledger", "flower-feed", "flower"):
+            env = merged[name]["environment"]
+            urls = broker.cluster_urls(env["DISPATCH_BROKER_URL"])
+            assert [urlsplit(u).hostname for u in urls] == list(CLUSTER_NODES), name
+            assert {urlsplit(u).password for u in urls} == {
+                example_env()["DISPATCH_RABBITMQ_PASSWORD"]}, name
+            assert set(CLUSTER_NODES) <= set(merged[name]["depends_on"]), name
+            assert merged[name].get("command") == ours[name].get("command"), name
+            if name != "flower":
+                assert env["DISPATCH_QUEUE_TYPE"] == topology.QUORUM, name
+        assert "@rabbitmq-1:15672/" in merged["flower"]["environment"]["FLOWER_BROKER_API"]
+
+
+def test_the_cluster_overlay_matches_the_specification_and_only_changes_existing_services(spec):
+    overlay = load_overlay()
+    assert [e.message for e in spec.iter_errors(overlay)] == []
+    assert [e.message for e in spec.iter_errors(interpolate(overlay, example_env()))] == []
+    assert set(overlay["services"]) <= set(load_compose()["services"])  # no misspelt name
 
 
 # -- commands ---------------------------------------------------------------------------
@@ -302,7 +393,7 @@ def _read_by_code() -> set[str]:
 
 
 def test_every_variable_compose_reads_is_in_the_table_and_the_example_with_its_default():
-    refs = references(load_compose())
+    refs = references(load_compose()) + references(load_overlay())
     names = {name for name, _, _ in refs}
     example, table = env_example(), documented()
     assert names == set(example), "compose.yaml and deploy/dispatch.env.example differ"
@@ -322,8 +413,9 @@ def test_every_variable_compose_reads_is_in_the_table_and_the_example_with_its_d
 def test_every_dispatch_variable_handed_to_a_container_is_read_by_the_code_or_its_command():
     code = _read_by_code()
     raw = load_compose()["services"]
-    for name, service in raw.items():
-        image = service["image"].split("${")[-1].split(":-")[-1].split(":")[0].split("/")[-1]
+    overlay = load_overlay()["services"]
+    for name, service in [*raw.items(), *overlay.items()]:
+        image = raw[name]["image"].split("${")[-1].split(":-")[-1].split(":")[0].split("/")[-1]
         command = " ".join(service.get("command", [])) if isinstance(
             service.get("command"), list) else service.get("command", "")
         for var in service.get("environment", {}):
@@ -353,7 +445,8 @@ def test_the_table_lists_what_the_code_reads_and_nothing_that_nothing_reads():
 
 def test_the_files_compose_mounts_and_builds_from_exist():
     example = env_example()
-    for key in ("DISPATCH_RABBITMQ_CONF", "DISPATCH_RABBITMQ_ADVANCED_CONF"):
+    for key in ("DISPATCH_RABBITMQ_CONF", "DISPATCH_RABBITMQ_CLUSTER_CONF",
+                "DISPATCH_RABBITMQ_ADVANCED_CONF"):
         assert (ROOT / example[key]).is_file(), key
     build = load_compose()["services"]["worker"]["build"]
     dockerfile = ROOT / build["context"] / build["dockerfile"]
@@ -373,20 +466,66 @@ def _schema_mappings() -> dict[str, str]:
     return mappings
 
 
-def test_the_broker_config_sets_only_keys_rabbitmq_knows_with_values_of_their_type():
+def _schema_mapping(mappings: dict[str, str], key: str) -> str | None:
+    """Return the schema mapping of ``key``; ``$name`` segments of a mapping match any."""
+    if key in mappings:
+        return mappings[key]
+    parts = key.split(".")
+    for name, rest in mappings.items():
+        pattern = name.split(".")
+        if len(pattern) == len(parts) and all(
+                p == k or p.startswith("$") for p, k in zip(pattern, parts, strict=True)):
+            return rest
+    return None
+
+
+def _broker_settings(path: Path, prefix: str = "") -> dict[str, str]:
+    """Return the settings of a rabbitmq.conf file (those starting with ``prefix``),
+    failing on any key RabbitMQ's schema lacks or any value not of its type."""
     assert RABBIT_SCHEMAS, "RabbitMQ is not installed: run scripts/setup"
     mappings = _schema_mappings()
     settings = {}
-    for line in (ROOT / "deploy" / "rabbitmq.conf").read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip() and not line.startswith("#"):
             key, _, value = (part.strip() for part in line.partition("="))
-            assert key in mappings, f"RabbitMQ has no setting {key}"
-            if "{datatype, integer}" in mappings[key]:
+            mapping = _schema_mapping(mappings, key)
+            assert mapping is not None, f"RabbitMQ has no setting {key}"
+            if "{datatype, integer}" in mapping:
                 assert value.isdigit(), f"{key} = {value} is not an integer"
-            settings[key] = value
+            enum = re.search(r"\{datatype,\s*\{enum,\s*\[([^\]]*)", mapping)
+            if enum:
+                assert value in re.split(r",\s*", enum.group(1)), f"{key} = {value}"
+            assert key not in settings, f"{key} twice in {path.name}"
+            if key.startswith(prefix):
+                settings[key] = value
+    return settings
+
+
+def test_the_broker_config_sets_only_keys_rabbitmq_knows_with_values_of_their_type():
+    settings = _broker_settings(ROOT / "deploy" / "rabbitmq.conf")
     assert int(settings["consumer_timeout"]) >= 3600 * 1000
     assert int(settings["max_message_size"]) <= 512 * 1024 * 1024  # the broker's own limit
     assert settings["management.tcp.port"] == "15672"
+
+
+def test_the_cluster_config_sets_only_keys_rabbitmq_knows_and_names_the_three_nodes():
+    settings = _broker_settings(ROOT / "deploy" / "rabbitmq-cluster.conf")
+    assert settings.pop("cluster_formation.peer_discovery_backend") == "classic_config"
+    assert settings.pop("cluster_partition_handling") == "pause_minority"
+    assert settings == {f"cluster_formation.classic_config.nodes.{i}": f"rabbit@{name}"
+                        for i, name in enumerate(CLUSTER_NODES, start=1)}
+
+
+@pytest.mark.parametrize(("line", "error"), [
+    ("cluster_formation.classic_config.nodez.1 = rabbit@x", "RabbitMQ has no setting"),
+    ("cluster_partition_handling = pause_majority", "cluster_partition_handling"),
+    ("default_queue_type = quorum", "RabbitMQ has no setting"),  # 3.13.x only: see the file
+])
+def test_the_broker_config_check_catches_a_misspelt_key_or_value(tmp_path, line, error):
+    conf = tmp_path / "broken.conf"
+    conf.write_text(f"{line}\n")
+    with pytest.raises(AssertionError, match=error):
+        _broker_settings(conf)
 
 
 def test_advanced_config_is_a_term_file_the_broker_can_read():
