@@ -335,3 +335,17 @@ class Confirms:
         else:
             log.warning("message returned by the broker: %s, key %r", reason, routing_key)
 
+
+
+def consumer(channel: Any, queues: list[str], *, accept: list[str],
+             on_message: Callable[[Any], None]) -> kombu.Consumer:
+    """Return a consumer of ``queues`` (declared already) that hands every delivery on.
+
+    kombu prepares a message before ``on_message`` sees it, and raises from inside the
+    connection's event loop when it cannot: a foreign ``compression`` header it does not
+    know is enough. Here such a message goes to ``on_message`` as it arrived, to be
+    judged (and rejected) like any other, instead of breaking the loop.
+    """
+    return kombu.Consumer(channel, queues=[kombu.Queue(q, no_declare=True) for q in queues],
+                          accept=accept, on_message=on_message, no_ack=False,
+                          on_decode_error=lambda message, _exc: on_message(message))

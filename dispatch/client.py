@@ -90,9 +90,8 @@ class Client:
             broker.declare_jobs_exchanges(channel, self.queue_type)
             broker.declare_reply_queue(channel, self.client_id, self.queue_type)
             self._confirms = broker.Confirms(channel, on_return=self._on_return)
-            self._consumer = kombu.Consumer(
-                channel, queues=[kombu.Queue(self.reply_queue, no_declare=True)],
-                accept=ACCEPT, on_message=self._on_reply, no_ack=False)
+            self._consumer = broker.consumer(channel, [self.reply_queue], accept=ACCEPT,
+                                             on_message=self._on_reply)
             self._consumer.consume()
 
     def _reconnect(self) -> None:

@@ -66,7 +66,8 @@ def parse_requirement_string(text: str) -> dict[str, Any]:
                 f"{part.strip()!r}: expected one of {', '.join(_REQUIREMENT_KEYS)} as KEY: VALUE",
                 field="requirements")
         value = value.strip()
-        out[key] = int(value) if key == "cpus" and value.isdigit() else value
+        whole = value.isascii() and value.isdecimal() and len(value) <= 9
+        out[key] = int(value) if key == "cpus" and whole else value
     if "cpus" in out and not isinstance(out["cpus"], int):
         raise InvalidJobFileError(f"{out['cpus']!r} is not a whole number", "requirements.cpus")
     return out

@@ -427,6 +427,10 @@ def test_every_dispatch_variable_handed_to_a_container_is_read_by_the_code_or_it
                 assert var in IMAGE_VARIABLES.get(image, set()), f"{name}: {var} ({image})"
 
 
+#: What only ``dispatch worker`` reads from its environment.
+WORKER = {"DISPATCH_NODE_HEARTBEAT_S", "DISPATCH_CGROUP_ROOT", "DISPATCH_JOB_PIDS_MAX"}
+
+
 def test_the_table_lists_what_the_code_reads_and_nothing_that_nothing_reads():
     table, code = documented(), _read_by_code()
 
@@ -436,8 +440,8 @@ def test_the_table_lists_what_the_code_reads_and_nothing_that_nothing_reads():
         if "compose" in read_by:
             assert name in compose_names, f"{name}: the table says compose reads it"
         if "code" in read_by:
-            assert name in code and (name in CLIENT or name in CLOUD or name.startswith(
-                "DISPATCH_SMTP") or name == "DISPATCH_NODE_HEARTBEAT_S"), name
+            assert name in code and (name in CLIENT or name in CLOUD or name in WORKER
+                                     or name.startswith("DISPATCH_SMTP")), name
         assert "compose" in read_by or "code" in read_by or "rabbitmqctl" in read_by, name
 
 

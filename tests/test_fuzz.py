@@ -15,7 +15,6 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import amqp
 import pika
 import pika.exceptions
 import pytest
+from fixtures_ledger import LedgerProcess
 from fuzz_messages import Generator, Hostile
 
 from dispatch import topology
@@ -53,8 +53,8 @@ class _RawMessage(amqp.Message):  # type: ignore[misc]
 class Publishers:
     """A py-amqp and a pika connection in confirm mode, reopened when the broker closes one."""
 
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, vhost: str = "/") -> None:
+        self.host, self.port, self.vhost = host, port, vhost
         self.amqp: amqp.Connection | None = None
         self.channel: Any = None
         self.pika: pika.BlockingConnection | None = None
@@ -75,7 +75,8 @@ class Publishers:
     def _amqp(self, msg: Hostile, exchange: str, routing_key: str) -> bool:
         if self.amqp is None:
             self.amqp = amqp.Connection(f"{self.host}:{self.port}", userid="guest",
-                                        password="guest", heartbeat=0)
+                                        password="guest", heartbeat=0,
+                                        virtual_host=self.vhost)
             self.amqp.connect()
             self.channel = self.amqp.channel()
             self.channel.confirm_select()
@@ -95,6 +96,7 @@ class Publishers:
     def _pika(self, msg: Hostile, exchange: str, routing_key: str) -> bool:
         if self.pika is None:
             params = pika.ConnectionParameters(host=self.host, port=self.port, heartbeat=0,
+                                               virtual_host=self.vhost,
                                                credentials=pika.PlainCredentials("guest", "guest"))
             self.pika = pika.BlockingConnection(params)
             self.pika_channel = self.pika.channel()
@@ -145,18 +147,6 @@ def _state(hdrs: dict[str, Any]) -> str:
     return str(hdrs.get("JobState", "")).strip('"')
 
 
-@pytest.fixture
-def fuzz_node(broker_url: str, workdir_root: Path,
-              tmp_path: Path) -> Iterator[tuple[str, Workers, Path]]:
-    """One node, with its spool in the test's directory, serving a pool of its own."""
-    pool = f"fz-{uuid.uuid4().hex[:8]}"
-    spool = tmp_path / "spool"
-    workers = Workers(broker_url, workdir_root, tmp_path)
-    workers.start("--spool-dir", str(spool), pools=(pool,))
-    yield pool, workers, spool
-    workers.stop_all()
-
-
 class Tally:
     """What became of each message: final replies, dead-letter copies, spool files."""
 
@@ -165,6 +155,7 @@ class Tally:
         self.spool = spool
         self.finals: dict[int, list[str]] = collections.defaultdict(list)
         self.dead: collections.Counter[int] = collections.Counter()
+        self.ledger_dead: collections.Counter[int] = collections.Counter()
         self.parked: set[int] = set()
 
     def reply(self, msg: amqp.Message) -> None:
@@ -175,10 +166,14 @@ class Tally:
             self.finals[int(corr[3:])].append(_state(hdrs))
 
     def dead_letter(self, msg: amqp.Message) -> None:
-        """Count a dead-letter copy."""
+        """Count a dead-letter copy: the node's, or the ledger's (its queues dead-letter)."""
         seq = _seq_of_dead_letter(msg)
-        if seq is not None:
+        if seq is None:
+            return
+        if "x-dispatch-rejected-by" in (msg.properties.get("application_headers") or {}):
             self.dead[seq] += 1
+        else:  # the broker's copy of what the ledger's queue dead-lettered
+            self.ledger_dead[seq] += 1
 
     def untraced(self) -> set[int]:
         """Return the messages nothing has been seen of yet."""
@@ -207,7 +202,8 @@ class Tally:
         exited = sum(1 for s in self.sent if "Exited" in self.finals.get(s, []))
         rejected = sum(1 for s in self.sent if "Rejected" in self.finals.get(s, []))
         return (f"{exited} Exited, {rejected} Rejected replies, {sum(self.dead.values())} "
-                f"dead-letter copies, {len(self.parked)} parked")
+                f"dead-letter copies, {len(self.parked)} parked, "
+                f"{sum(self.ledger_dead.values())} dead-lettered by the ledger")
 
 
 def _drain(ch: Any, replies: str, dead: str, tally: Tally) -> bool:
@@ -222,13 +218,13 @@ def _drain(ch: Any, replies: str, dead: str, tally: Tally) -> bool:
 
 
 def _publish_all(gen: Generator, pool: str, publishers: Publishers, workers: Workers,
-                 ) -> tuple[dict[int, Hostile], collections.Counter[str]]:
-    """Publish until COUNT messages are confirmed; return them and the kinds the broker refused."""
+                 count: int) -> tuple[dict[int, Hostile], collections.Counter[str]]:
+    """Publish until ``count`` messages are confirmed; return them and the kinds refused."""
     (node,) = workers.procs
     sent: dict[int, Hostile] = {}
     refused: collections.Counter[str] = collections.Counter()
     seq = -1
-    while len(sent) < COUNT and seq < 2 * COUNT:
+    while len(sent) < count and seq < 2 * count:
         seq += 1
         msg = gen.make(seq)
         if publishers.publish(msg, topology.jobs_exchange(), pool):
@@ -240,11 +236,44 @@ def _publish_all(gen: Generator, pool: str, publishers: Publishers, workers: Wor
 
 
 def test_two_thousand_hostile_messages_never_kill_the_node_and_none_is_dropped(
-        broker_url: str, rabbitmq_proc: Any, fuzz_node: tuple[str, Workers, Path]) -> None:
-    pool, workers, spool = fuzz_node
+        broker_url: str, rabbitmq_proc: Any, workdir_root: Path, tmp_path: Path) -> None:
+    _fuzz(broker_url, rabbitmq_proc, "/", workdir_root, tmp_path, COUNT)
+
+
+def test_with_a_ledger_keeping_claims_and_events_no_hostile_message_kills_node_or_ledger(
+        vhost_url: str, vhost: str, rabbitmq_proc: Any, workdir_root: Path, tmp_path: Path,
+        ledger_service: LedgerProcess) -> None:
+    # The ledger also takes a copy of every job message sent to a pool it tracks.
+    _fuzz(vhost_url, rabbitmq_proc, vhost, workdir_root, tmp_path, COUNT // 2,
+          ledger=ledger_service)
+
+
+def _fuzz(url: str, rabbitmq_proc: Any, vhost: str, workdir_root: Path, tmp_path: Path,
+          count: int, ledger: LedgerProcess | None = None) -> None:
+    pool = f"fz-{uuid.uuid4().hex[:8]}"
+    spool = tmp_path / "spool"
+    if ledger is not None:
+        ledger.start("--pool", pool)
+    workers = Workers(url, workdir_root, tmp_path)
+    try:
+        workers.start("--spool-dir", str(spool), pools=(pool,))
+        _fuzz_node(url, rabbitmq_proc, vhost, pool, workers, spool, count, ledger)
+    finally:
+        workers.stop_all()
+
+
+def _fuzz_node(url: str, rabbitmq_proc: Any, vhost: str, pool: str, workers: Workers,
+               spool: Path, count: int, ledger: LedgerProcess | None) -> None:
     (node,) = workers.procs
+
+    def alive() -> None:
+        assert node.poll() is None, f"node died: {workers.log()}"
+        if ledger is not None:
+            assert ledger.proc is not None and ledger.proc.poll() is None, \
+                f"ledger died: {ledger.log()}"
+
     conn = amqp.Connection(f"{rabbitmq_proc.host}:{rabbitmq_proc.port}", userid="guest",
-                           password="guest", heartbeat=0)
+                           password="guest", heartbeat=0, virtual_host=vhost)
     conn.connect()
     ch = conn.channel()
     replies = f"fz.replies.{uuid.uuid4().hex[:8]}"
@@ -254,9 +283,9 @@ def test_two_thousand_hostile_messages_never_kill_the_node_and_none_is_dropped(
     ch.queue_declare(dead, durable=False, auto_delete=False)
     ch.queue_bind(dead, topology.dead_letter_exchange(), routing_key="")
 
-    publishers = Publishers(rabbitmq_proc.host, rabbitmq_proc.port)
+    publishers = Publishers(rabbitmq_proc.host, rabbitmq_proc.port, vhost)
     try:
-        sent, refused = _publish_all(Generator(SEED, replies), pool, publishers, workers)
+        sent, refused = _publish_all(Generator(SEED, replies), pool, publishers, workers, count)
     finally:
         publishers.close()
     tally = Tally(sent, spool)
@@ -266,7 +295,7 @@ def test_two_thousand_hostile_messages_never_kill_the_node_and_none_is_dropped(
             last_progress = time.monotonic()
         else:
             time.sleep(0.2)
-        assert node.poll() is None, f"node died: {workers.log()}"
+        alive()
     time.sleep(1.0)  # late duplicates would show up now
     _drain(ch, replies, dead, tally)
     untraced = sorted(tally.untraced())
@@ -276,7 +305,7 @@ def test_two_thousand_hostile_messages_never_kill_the_node_and_none_is_dropped(
           f"{sum(refused.values())} refused by it {dict(refused)}; {tally.summary()}; "
           f"kinds {dict(kinds)}; refusals {dict(publishers.refusals)}")
 
-    assert len(sent) == COUNT, f"the broker refused too many: {publishers.refusals}"
+    assert len(sent) == count, f"the broker refused too many: {publishers.refusals}"
     assert not untraced, f"{len(untraced)} messages silently dropped, e.g. " + \
         ", ".join(f"{s} ({sent[s].kind})" for s in untraced[:10]) + f"\n{workers.log()}"
     for seq in sent:
@@ -285,11 +314,11 @@ def test_two_thousand_hostile_messages_never_kill_the_node_and_none_is_dropped(
     ended = collections.Counter(state for states in tally.finals.values() for state in states)
     assert ended["Exited"] and ended["Rejected"] and tally.parked and tally.dead
 
-    with Client(broker_url) as client:
+    with Client(url) as client:
         result = client.submit(JobSpec("echo", ("still", "serving"), pool=pool)).wait(
             timeout_s=60)
     assert result.exit_code == 0
-    assert node.poll() is None
+    alive()
 
 
 def _parked(spool: Path) -> set[int]:

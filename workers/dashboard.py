@@ -108,10 +108,9 @@ class Feed:
             _declare(channel)
         answers = Answers(self.translator.book, _broker_info(conn))
         self._pidboxes = Pidboxes(mailbox(self.app, conn), channel, answers, self._inbox.append)
-        kombu.Consumer(channel, queues=[kombu.Queue(topology.dashboard_queue(), no_declare=True)],
-                       accept=[events.CONTENT_TYPE], no_ack=False,
-                       on_message=lambda m: self._inbox.append(lambda: self._on_event(m))
-                       ).consume()
+        broker.consumer(channel, [topology.dashboard_queue()], accept=[events.CONTENT_TYPE],
+                        on_message=lambda m: self._inbox.append(lambda: self._on_event(m))
+                        ).consume()
         self._pidboxes.sync({n.name for n in self.translator.book.alive()})
         log.info("flower-feed: showing events from %s in Flower", broker.safe_url(self.broker_url))
         while not stop.is_set():

@@ -121,9 +121,7 @@ class ExecuteNode(NodeDuties):
         self._prefetch_sent = self._prefetch()
         # Quorum queues refuse a channel-wide prefetch: there each consumer has its own.
         channel.basic_qos(0, self._prefetch_sent, broker.prefetch_is_global())
-        consumer = kombu.Consumer(channel, queues=[kombu.Queue(q, no_declare=True) for q in queues],
-                                  accept=ACCEPT, on_message=self.inbox.append, no_ack=False,
-                                  on_decode_error=self._undecoded)
+        consumer = broker.consumer(channel, queues, accept=ACCEPT, on_message=self.inbox.append)
         consumer.consume()
         self._consume_orders(conn)
         sock = conn.connection.sock
@@ -167,19 +165,8 @@ class ExecuteNode(NodeDuties):
         channel = conn.channel()
         queue = self.orders.declare(channel)
         channel.basic_qos(0, 64, False)
-        kombu.Consumer(channel, queues=[kombu.Queue(queue, no_declare=True)],
-                       accept=[events.CONTENT_TYPE], on_message=self.control_inbox.append,
-                       on_decode_error=lambda msg, _exc: self.control_inbox.append(msg),
-                       no_ack=False).consume()
-
-    def _undecoded(self, message: Any, exc: Exception) -> None:
-        """Take in a job message kombu could not prepare (a bad ``compression`` header).
-
-        kombu would otherwise raise from inside the connection's event loop; the message
-        goes through admission like any other and is rejected there if it must be.
-        """
-        log.info("delivery %s: kombu could not prepare it (%s)", message.delivery_tag, exc)
-        self.inbox.append(message)
+        broker.consumer(channel, [queue], accept=[events.CONTENT_TYPE],
+                        on_message=self.control_inbox.append).consume()
 
     def _loop(self, conn: kombu.Connection, consumer: kombu.Consumer) -> None:
         cancelled = False

@@ -7,6 +7,7 @@ leaves its column empty instead of losing the event.
 from __future__ import annotations
 
 import logging
+import math
 import shlex
 from collections.abc import Mapping
 from typing import Any
@@ -64,20 +65,28 @@ def job_fields(properties: Mapping[str, Any], raw_headers: Mapping[str, Any]) ->
 def _int(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
-        return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) else None
+    if isinstance(value, str):
+        # isdecimal and ASCII: "²" is a digit int() refuses; 18 digits keep int() cheap.
+        digits = value.strip().removeprefix("-")
+        if digits.isascii() and digits.isdecimal() and len(digits) <= 18:
+            return int(value)
     return None
 
 
 def pack(request: Mapping[str, Any]) -> bytes:
     """Return a captured request as bytes for the ``request`` column."""
-    data: bytes = msgpack.packb(dict(request), use_bin_type=True)
+    # Foreign headers may hold text that is not valid UTF-8 (lone surrogates here).
+    data: bytes = msgpack.packb(dict(request), use_bin_type=True,
+                                unicode_errors="surrogatepass")
     return data
 
 
 def unpack(data: bytes) -> dict[str, Any]:
     """Return the captured request stored by :func:`pack`."""
-    request: dict[str, Any] = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    request: dict[str, Any] = msgpack.unpackb(data, raw=False, strict_map_key=False,
+                                              unicode_errors="surrogatepass")
     return request

@@ -26,12 +26,12 @@ from typing import Any
 import kombu
 
 from dispatch import broker, events, headers, topology
-from dispatch.errors import DispatchError, InvalidMessageError
+from dispatch.errors import DispatchError, InvalidMessageError, LedgerError
 from dispatch.ledger import control
 from dispatch.ledger.leases import expire_leases
 from dispatch.ledger.notify import Notifier
 from dispatch.ledger.publisher import AmqpPublisher
-from dispatch.ledger.store import Ledger, check_event, utcnow
+from dispatch.ledger.store import BatchResult, Ledger, check_event, is_bad_data, utcnow
 from dispatch.quantity import format_duration
 
 log = logging.getLogger(__name__)
@@ -102,9 +102,8 @@ class LedgerService:
             for kind, queue in ((EVENT, topology.ledger_queue()),
                                 (SUBMITTED, topology.ledger_submitted_queue()),
                                 (CONTROL, topology.ledger_control_queue())):
-                kombu.Consumer(channel, queues=[kombu.Queue(queue, no_declare=True)],
-                               accept=[events.CONTENT_TYPE], no_ack=False,
-                               on_message=self._collector(kind)).consume()
+                broker.consumer(channel, [queue], accept=[events.CONTENT_TYPE],
+                                on_message=self._collector(kind)).consume()
             # Nodes that found no ledger skip per-job events: tell them one listens now.
             self.publisher.broadcast({"op": events.ControlOp.SYNC.value,
                                       "reason": "ledger started", "by": self.user,
@@ -187,36 +186,18 @@ class LedgerService:
 
     def _process(self, channel: Any) -> None:
         batch, self._inbox = self._inbox, []
-        bodies: list[dict[str, Any]] = []
-        subs: list[dict[str, Any]] = []
-        controls: list[tuple[Any, dict[str, Any]]] = []
-        pools: set[str] = set()
         rejected: set[int] = set()
         now = utcnow()
-        for item in batch:
-            msg = item.message
-            try:
-                if item.kind == EVENT:
-                    body = _event_body(msg)
-                    bodies.append(body)
-                    if body["event"] == events.Event.HEARTBEAT.value:
-                        pools.update(str(p) for p in body.get("pools") or ())
-                elif item.kind == SUBMITTED:
-                    sub = _submission(msg, now)
-                    if sub is not None:
-                        subs.append(sub)
-                else:
-                    controls.append((msg, events.decode(msg.body, what="control")))
-            except InvalidMessageError as exc:
-                log.warning("ledger: dead-lettering an unreadable %s message: %s",
-                            item.kind, exc.reason)
-                channel.basic_reject(msg.delivery_tag, requeue=False)
-                rejected.add(msg.delivery_tag)
-        result = self.ledger.apply_batch(bodies, subs, checked=True)
+        bodies, subs, controls, pools = self._read(channel, batch, now, rejected)
+        result = self._apply(channel, bodies, subs, rejected)
         if result.effects.rebroadcasts:
             control.rebroadcast(self.publisher, result.effects.rebroadcasts, now)
         for msg, body in controls:
-            self._control(channel, msg, body, now)
+            try:
+                self._control(channel, msg, body, now)
+            except Exception as exc:
+                _reraise_unless_bad_data(exc, channel)
+                self._reject(channel, msg, CONTROL, exc, rejected)
         self.publisher.flush()
         tags = [i.message.delivery_tag for i in batch if i.message.delivery_tag not in rejected]
         if tags:
@@ -224,6 +205,73 @@ class LedgerService:
         self._track_pools(channel, pools)
         if self.notifier is not None and result.effects.changes:
             self.notifier.notify(self.ledger, result.effects.changes)
+
+    def _read(self, channel: Any, batch: list[_Delivery], now: datetime.datetime,
+              rejected: set[int]) -> tuple[list[tuple[Any, dict[str, Any]]],
+                                           list[tuple[Any, dict[str, Any]]],
+                                           list[tuple[Any, dict[str, Any]]], set[str]]:
+        """Decode a batch into events, submissions and control requests; reject the rest."""
+        bodies: list[tuple[Any, dict[str, Any]]] = []
+        subs: list[tuple[Any, dict[str, Any]]] = []
+        controls: list[tuple[Any, dict[str, Any]]] = []
+        pools: set[str] = set()
+        for item in batch:
+            msg = item.message
+            try:
+                if item.kind == EVENT:
+                    body = _event_body(msg)
+                    bodies.append((msg, body))
+                    if body["event"] == events.Event.HEARTBEAT.value:
+                        pools.update(str(p) for p in body.get("pools") or ())
+                elif item.kind == SUBMITTED:
+                    sub = _submission(msg, now)
+                    if sub is not None:
+                        subs.append((msg, sub))
+                else:
+                    controls.append((msg, events.decode(raw_body(msg), what="control")))
+            except Exception as exc:  # one unreadable message must not stop the ledger
+                _reraise_unless_bad_data(exc, channel)
+                self._reject(channel, msg, item.kind, exc, rejected)
+        return bodies, subs, controls, pools
+
+    def _apply(self, channel: Any, bodies: list[tuple[Any, dict[str, Any]]],
+               subs: list[tuple[Any, dict[str, Any]]], rejected: set[int]) -> BatchResult:
+        """Apply a batch in one commit; if its data is at fault, message by message."""
+        try:
+            return self.ledger.apply_batch([b for _, b in bodies], [s for _, s in subs],
+                                           checked=True)
+        except Exception as exc:
+            if not is_bad_data(exc):
+                raise
+            log.warning("ledger: a batch of %d message(s) failed (%s); applying them one by one",
+                        len(bodies) + len(subs), exc)
+        result = BatchResult()
+        for kind, items in ((SUBMITTED, subs), (EVENT, bodies)):
+            for msg, item in items:
+                try:
+                    one = self.ledger.apply_batch([item] if kind == EVENT else [],
+                                                  [item] if kind == SUBMITTED else [],
+                                                  checked=True)
+                except Exception as exc:
+                    if not is_bad_data(exc):
+                        raise
+                    self._reject(channel, msg, kind, exc, rejected)
+                    continue
+                result.applied += one.applied
+                result.effects.rebroadcasts += one.effects.rebroadcasts
+                result.effects.changes += one.effects.changes
+        return result
+
+    @staticmethod
+    def _reject(channel: Any, msg: Any, kind: str, exc: BaseException,
+                rejected: set[int]) -> None:
+        """Dead-letter one message (the ledger's queues name the dead-letter exchange)."""
+        if isinstance(exc, InvalidMessageError):
+            log.warning("ledger: dead-lettering an unreadable %s message: %s", kind, exc.reason)
+        else:
+            log.exception("ledger: dead-lettering a %s message it cannot take", kind)
+        channel.basic_reject(msg.delivery_tag, requeue=False)
+        rejected.add(msg.delivery_tag)
 
     def _control(self, channel: Any, msg: Any, body: dict[str, Any],
                  now: datetime.datetime) -> None:
@@ -244,11 +292,33 @@ class LedgerService:
                                   control.answer(request.op.value, outcomes))
 
 
+def _reraise_unless_bad_data(exc: BaseException, channel: Any) -> None:
+    """Raise ``exc`` again when the broker or the database is away rather than the data bad."""
+    if isinstance(exc, broker.CONNECTION_ERRORS) and not conn_alive(channel):
+        raise exc
+    if isinstance(exc, LedgerError) and not is_bad_data(exc):
+        raise exc
+
+
+def raw_body(message: Any) -> bytes:
+    """Return a delivery's body as bytes (py-amqp gives an empty one as ``""``)."""
+    body = message.body
+    if isinstance(body, bytes):
+        return body
+    return str(body or "").encode("utf-8", "surrogatepass")
+
+
+def conn_alive(channel: Any) -> bool:
+    """Tell whether the channel's connection still stands (an OSError may be anyone's)."""
+    conn = getattr(channel, "connection", None)
+    return bool(conn is not None and conn.connected and channel.is_open)
+
+
 def _event_body(message: Any) -> dict[str, Any]:
     if message.content_type not in (events.CONTENT_TYPE, None, ""):
         raise InvalidMessageError(f"is {message.content_type!r}, not {events.CONTENT_TYPE}",
                                   field="content_type")
-    body = events.decode(message.body)
+    body = events.decode(raw_body(message))
     check_event(body)
     return body
 
@@ -260,5 +330,5 @@ def _submission(message: Any, now: datetime.datetime) -> dict[str, Any] | None:
         return None
     if not message.properties.get("message_id"):
         return None  # without an id the node invents one; the claim will tell
-    request = events.capture_request(message.properties, raw, message.body)
+    request = events.capture_request(message.properties, raw, raw_body(message))
     return {**request, "pool": message.delivery_info.get("routing_key") or "", "at": now}

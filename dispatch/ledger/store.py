@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, delete, event, func, select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import (
+    DataError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+    StatementError,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatch import schema
@@ -58,6 +65,25 @@ class BatchResult:
 
     applied: list[bool] = field(default_factory=list)
     effects: Effects = field(default_factory=Effects)
+
+
+#: What applying one odd message can raise, besides the database refusing its data.
+_DATA_ERRORS = (TypeError, ValueError, KeyError, AttributeError, LookupError, UnicodeError,
+                OverflowError, RecursionError, InvalidMessageError)
+
+
+def is_bad_data(exc: BaseException) -> bool:
+    """Tell whether ``exc`` came from what a batch held, not from the database being away.
+
+    A batch that fails so is applied again message by message, and what fails on its
+    own is dead-lettered; a database that cannot be reached is waited for instead.
+    """
+    if isinstance(exc, LedgerError):
+        cause = exc.__cause__
+        if isinstance(cause, OperationalError | InterfaceError):
+            return False
+        return isinstance(cause, DataError | IntegrityError | StatementError)
+    return isinstance(exc, _DATA_ERRORS)
 
 
 class Ledger:
