@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import os
 import re
 import time
@@ -301,6 +302,7 @@ def _fuzz_node(url: str, rabbitmq_proc: Any, vhost: str, pool: str, workers: Wor
     untraced = sorted(tally.untraced())
     conn.close()
     kinds = collections.Counter(m.kind for m in sent.values())
+    _record(tally, ledger is not None, sum(refused.values()), len(untraced))
     print(f"\nfuzz seed {SEED}: {len(sent)} confirmed by the broker, "
           f"{sum(refused.values())} refused by it {dict(refused)}; {tally.summary()}; "
           f"kinds {dict(kinds)}; refusals {dict(publishers.refusals)}")
@@ -319,6 +321,24 @@ def _fuzz_node(url: str, rabbitmq_proc: Any, vhost: str, pool: str, workers: Wor
             timeout_s=60)
     assert result.exit_code == 0
     alive()
+
+
+def _record(tally: Tally, with_ledger: bool, refused: int, untraced: int) -> None:
+    """Append this run's counts to ``DISPATCH_FAULT_FIGURES`` (docs/reliability.md)."""
+    path = os.environ.get("DISPATCH_FAULT_FIGURES")
+    if not path:
+        return
+    ended = collections.Counter(s for states in tally.finals.values() for s in states)
+    figures = {"scenario": "fuzz" + (" with a ledger" if with_ledger else ""), "seed": SEED,
+               "confirmed": len(tally.sent), "refused_by_broker": refused,
+               "exited": ended["Exited"], "rejected_replies": ended["Rejected"],
+               "dead_letter_copies": sum(tally.dead.values()), "parked": len(tally.parked),
+               "dead_lettered_by_ledger": sum(tally.ledger_dead.values()),
+               "silently_dropped": untraced,
+               "duplicates": sum(1 for s in tally.sent if len(tally.finals.get(s, [])) > 1
+                                 or tally.dead[s] > 1)}
+    with Path(path).open("a") as out:
+        out.write(json.dumps(figures, sort_keys=True) + "\n")
 
 
 def _parked(spool: Path) -> set[int]:
