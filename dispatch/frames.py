@@ -123,6 +123,8 @@ def _salvage(buf: bytes, flags: int) -> tuple[dict[str, Any], list[str]]:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, UnicodeDecodeError):
         return "a string value is not UTF-8"
-    if isinstance(exc, OverflowError | OSError | ValueError) and "year" in str(exc).lower():
+    # datetime.fromtimestamp is what raises these in a table (OSError: EOVERFLOW).
+    if isinstance(exc, OverflowError | OSError) or (
+            isinstance(exc, ValueError) and "year" in str(exc).lower()):
         return "a timestamp is out of range"
     return f"cannot be decoded ({type(exc).__name__}: {exc})"[:200]

@@ -10,12 +10,13 @@ import socket
 import struct
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import amqp
 import pytest
 from amqp.exceptions import UnexpectedFrame
 
-from dispatch import broker, transport
+from dispatch import broker, frames, transport
 from dispatch.transport import BufferedTCPTransport
 
 
@@ -118,4 +119,43 @@ def test_a_real_connection_uses_it(broker_url: str) -> None:
         for i in range(50):  # many frames in flight, read in few pieces
             channel.basic_publish(amqp.Message(str(i)), "", name)
         got = [channel.basic_get(name, no_ack=True).body for _ in range(50)]
-        assert got == [str(i) for i in range(50)]
+        # Bodies arrive as the bytes sent: py-amqp's decoding by content_encoding is off.
+        assert got == [str(i).encode() for i in range(50)]
+
+
+def _header(props: bytes) -> bytes:
+    return struct.pack(">HHQ", 60, 0, 0) + props
+
+
+def test_a_content_header_py_amqp_cannot_decode_is_made_readable_and_keeps_its_bytes() -> None:
+    table = (b"\x04when" + b"T" + struct.pack(">Q", 2**63 - 1)
+             + b"\x03Cmd" + b"S" + struct.pack(">I", 4) + b"true")
+    props = (struct.pack(">H", 0x2000 | 0x0400 | 0x0080) + struct.pack(">I", len(table)) + table
+             + b"\x05corr1" + b"\x03\xff\xfe\x01")
+    with pytest.raises((OverflowError, ValueError, OSError)):
+        amqp.Message().inbound_header(_header(props))
+
+    readable = amqp.Message()
+    readable.inbound_header(frames.readable_header(_header(props)))
+    got = readable.properties
+    assert got["correlation_id"] == "corr1"  # what decodes is kept
+    assert "message_id" not in got  # not UTF-8: left out, and said so
+    hdrs = got["application_headers"]
+    assert "message_id: is not UTF-8" in hdrs[frames.UNDECODABLE]
+    assert "timestamp" in hdrs[frames.UNDECODABLE]
+    assert hdrs[frames.RAW_PROPERTIES] == props  # byte for byte
+
+
+def test_a_header_that_decodes_is_left_alone_by_the_tolerant_reader() -> None:
+    seen: list[Any] = []
+
+    class Conn:
+        bytes_recv = 0
+
+    reader = frames.tolerant(Conn(), lambda *args: seen.append(args))
+    props = struct.pack(">H", 0x0400) + b"\x02ok"
+    method = struct.pack(">HH", 60, 71) + b"\x00" * 20  # basic.get-ok: content follows
+    reader((1, 1, method))
+    reader((2, 1, _header(props)))
+    (_channel, _method, _args, msg), = seen
+    assert msg.properties == {"correlation_id": "ok"}

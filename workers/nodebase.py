@@ -24,7 +24,8 @@ from workers.chirp import ChirpSocket
 from workers.machine import Machine, detect
 from workers.orders import Order, Orders
 from workers.replies import Replies
-from workers.runner import RunAs, Runner, RunningJob
+from workers.runner import RunAs, Runner
+from workers.running import RunningJob
 from workers.slots import Slots
 from workers.spool import Spool
 

@@ -28,7 +28,7 @@ from typing import IO, Any
 
 from dispatch.archive import zip_directory_to, zip_flat_directory
 from dispatch.chunks import Splitter
-from workers.runner import RunningJob
+from workers.running import RunningJob
 
 log = logging.getLogger(__name__)
 
