@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import time
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -11,6 +13,8 @@ from typing import Any
 
 import kombu
 import pytest
+
+from dispatch import topology
 
 from amqp_helpers import dead_letter_of, get_messages, headers_of, publish_job, reply_queue
 from conftest import Workers
@@ -182,3 +186,46 @@ def _zip_of(files: dict[str, bytes]) -> bytes:
         for name, data in files.items():
             zf.writestr(name, data)
     return buf.getvalue()
+
+
+def test_a_rejected_job_the_broker_will_not_dead_letter_is_parked_on_the_spool_then_acked(
+        rabbitmq_proc: Any, vhost: str, vhost_url: str, workdir_root: Path,
+        tmp_path: Path) -> None:
+    # The dead-letter queue refuses everything: the broker nacks the node's copy.
+    rabbitmq_proc.rabbitctl_output(
+        "set_policy", "-p", vhost, "refuse-dead", r"^dispatch\.dead$",
+        '{"max-length": 0, "overflow": "reject-publish"}', "--apply-to", "queues")
+    pool = f"park-{uuid.uuid4().hex[:8]}"
+    spool = tmp_path / "spool"
+    workers = Workers(vhost_url, workdir_root, tmp_path)
+    try:
+        workers.start("--spool-dir", str(spool), pools=(pool,))
+        with kombu.Connection(vhost_url, heartbeat=0) as conn:
+            replies = reply_queue(conn)
+            body = b"\x00not a zip, kept byte for byte\xff"
+            publish_job(conn, pool, {"Cmd": "true"}, body=body, message_id="parked-1",
+                        reply_to=replies, content_type="application/zip")
+            (reply,) = get_messages(conn, replies, 1)
+            assert headers_of(reply)["JobState"] == "Rejected"
+            deadline = time.monotonic() + 20
+            while not (spool / "parked-1.json").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert (spool / "parked-1.message").read_bytes() == body
+            meta = json.loads((spool / "parked-1.json").read_text())
+            assert "body" in meta["reason"] and meta["properties"]["reply_to"] == replies
+            assert (spool / "parked-1.message").stat().st_mode & 0o077 == 0
+            # Acked once kept: nothing left in the pool queue, nothing unacked.
+            channel = conn.channel()
+            deadline = time.monotonic() + 20
+            while channel.queue_declare(topology.pool_queue(pool), passive=True)[1] \
+                    or "parked-1" not in workers.log():
+                assert time.monotonic() < deadline, workers.log()
+                time.sleep(0.05)
+            publish_job(conn, pool, {"Cmd": "echo", "Arguments": "after"},
+                        message_id="after-park", reply_to=replies)
+            _, exited = get_messages(conn, replies, 2)
+            assert headers_of(exited)["JobState"] == "Exited"
+        assert "message kept in" in workers.log()
+        assert all(proc.poll() is None for proc in workers.procs)
+    finally:
+        workers.stop_all()
