@@ -8,10 +8,10 @@ handed to ``eval``. Empty text means ``TRUE``.
 
 The pieces, each importing only those before it:
 
-- :mod:`dispatch.classad_values`: the values, ``UNDEFINED`` and ``ERROR``, and operators;
-- :mod:`dispatch.classad_functions`: the built-in functions, ``regexp()`` among them;
-- :mod:`dispatch.classad_tree`: the nodes a parsed expression is made of;
-- :mod:`dispatch.classad_parser`: the tokenizer and parser, with the size limits
+- :mod:`dispatch.classad.values`: the values, ``UNDEFINED`` and ``ERROR``, and operators;
+- :mod:`dispatch.classad.functions`: the built-in functions, ``regexp()`` among them;
+- :mod:`dispatch.classad.tree`: the nodes a parsed expression is made of;
+- :mod:`dispatch.classad.parser`: the tokenizer and parser, with the size limits
   (4096 characters, 1024 tokens, nesting 64 deep) that keep a hostile expression cheap.
 """
 
@@ -20,9 +20,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from dispatch.classad_parser import parse_tree
-from dispatch.classad_tree import Logical, Node, Scope
-from dispatch.classad_values import ERROR, UNDEFINED, Value, truth
+from dispatch.classad.parser import parse_tree
+from dispatch.classad.tree import Logical, Node, Scope
+from dispatch.classad.values import ERROR, UNDEFINED, Value, truth
 
 __all__ = ["ERROR", "UNDEFINED", "Expression", "parse"]
 

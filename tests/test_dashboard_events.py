@@ -10,10 +10,10 @@ import pytest
 from dispatch import broker, events, schema, topology
 from dispatch.errors import InvalidMessageError
 from dispatch.events import Event
-from workers import dashboard_nodes
-from workers.dashboard_events import Translator, outcome
-from workers.dashboard_inspect import Answers
-from workers.dashboard_nodes import JobView, NodeBook
+from workers.dashboard import nodes as dashboard_nodes
+from workers.dashboard.events import Translator, outcome
+from workers.dashboard.inspect import Answers
+from workers.dashboard.nodes import JobView, NodeBook
 
 NOW = 2_000_000_000.0
 NODE = "node-7"

@@ -430,8 +430,8 @@ def test_the_public_api_is_parse_expression_and_the_two_special_values():
 
 
 @pytest.mark.parametrize("module", [
-    "dispatch.classad_values", "dispatch.classad_functions", "dispatch.classad_tree",
-    "dispatch.classad_parser", "dispatch.requirements",
+    "dispatch.classad.values", "dispatch.classad.functions", "dispatch.classad.tree",
+    "dispatch.classad.parser", "dispatch.requirements",
 ])
 def test_each_classad_module_imports_on_its_own(module):
     subprocess.run([sys.executable, "-c", f"import {module}"], check=True, timeout=30)

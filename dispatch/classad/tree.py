@@ -1,7 +1,7 @@
 """The tree a parsed ClassAd expression becomes, and how it computes its value.
 
-:mod:`dispatch.classad_parser` builds these immutable nodes; each one computes a
-:mod:`dispatch.classad_values` value against a :class:`Scope` of machine attributes,
+:mod:`dispatch.classad.parser` builds these immutable nodes; each one computes a
+:mod:`dispatch.classad.values` value against a :class:`Scope` of machine attributes,
 applying the operators and functions the parser chose for it.
 """
 
@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from dispatch.classad_values import ERROR, UNDEFINED, Binary, Special, Unary, Value, to_value, truth
+from dispatch.classad.values import ERROR, UNDEFINED, Binary, Special, Unary, Value, to_value, truth
 
 __all__ = [
     "Attribute", "Call", "Chain", "Conditional", "ListLiteral", "Literal", "Logical", "Node",

@@ -1,7 +1,7 @@
 """The tokenizer and parser that turn ``Requirements`` text into a ClassAd tree.
 
 A hand-written tokenizer and a recursive-descent, precedence-climbing parser build
-:mod:`dispatch.classad_tree` nodes; nothing is ever handed to ``eval``. The text is
+:mod:`dispatch.classad.tree` nodes; nothing is ever handed to ``eval``. The text is
 bounded (4096 characters, 1024 tokens, nesting 64 deep) so that parsing and
 evaluating a hostile expression stays cheap.
 """
@@ -12,8 +12,8 @@ import re
 from collections.abc import Callable
 from typing import NamedTuple
 
-from dispatch.classad_functions import FUNCTIONS
-from dispatch.classad_tree import (
+from dispatch.classad.functions import FUNCTIONS
+from dispatch.classad.tree import (
     Attribute,
     Call,
     Chain,
@@ -24,7 +24,7 @@ from dispatch.classad_tree import (
     Node,
     UnaryOperation,
 )
-from dispatch.classad_values import BINARY_OPERATORS, ERROR, UNARY_OPERATORS, UNDEFINED, Value
+from dispatch.classad.values import BINARY_OPERATORS, ERROR, UNARY_OPERATORS, UNDEFINED, Value
 from dispatch.errors import InvalidRequirementsError
 
 __all__ = ["MAX_CHARS", "MAX_DEPTH", "MAX_TOKENS", "parse_tree"]

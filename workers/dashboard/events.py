@@ -27,7 +27,7 @@ from typing import Any
 from dispatch import headers
 from dispatch.errors import InvalidMessageError
 from dispatch.events import Event
-from workers.dashboard_nodes import JobView, NodeBook, epoch
+from workers.dashboard.nodes import JobView, NodeBook, epoch
 
 #: The Dispatch events the feed shows; its queue is bound to these only.
 SHOWN = (Event.CLAIMED, Event.RUNNING, Event.EXITED, Event.REMOVED, Event.HELD,

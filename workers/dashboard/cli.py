@@ -27,7 +27,7 @@ def flower_feed(broker: str) -> None:
     if not logging.getLogger().handlers or logging.getLogger().level > logging.INFO:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from workers.dashboard import Feed  # noqa: PLC0415 - celery loads only here
+    from workers.dashboard.feed import Feed  # noqa: PLC0415 - celery loads only here
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

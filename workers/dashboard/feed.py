@@ -4,7 +4,7 @@ Execute nodes already publish every lifecycle event to ``dispatch.events``. This
 service reads them from its own bounded queue (``dispatch.dashboard``), sends
 Celery-format events to Celery's event exchange with ``celery.events.EventDispatcher``
 (one sender per node, named ``celery@NODE``), and answers Flower's inspect
-broadcasts for the nodes alive (:mod:`workers.dashboard_inspect`). JSON only.
+broadcasts for the nodes alive (:mod:`workers.dashboard.inspect`). JSON only.
 
 It binds its queue only once the ledger's queue exists: a node treats "my claim was
 routed somewhere" as "a ledger keeps my jobs" and acks jobs early, so a feed alone
@@ -29,8 +29,8 @@ from celery.events import EventDispatcher
 
 from dispatch import broker, events, schema, topology
 from dispatch.errors import DispatchError, InvalidMessageError
-from workers.dashboard_events import SHOWN, CeleryEvent, Translator, hostname
-from workers.dashboard_inspect import Answers, Pidboxes
+from workers.dashboard.events import SHOWN, CeleryEvent, Translator, hostname
+from workers.dashboard.inspect import Answers, Pidboxes
 
 log = logging.getLogger(__name__)
 

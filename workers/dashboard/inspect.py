@@ -21,8 +21,8 @@ import kombu
 import kombu.pidbox
 
 from dispatch import broker, topology
-from workers.dashboard_events import hostname, mapping
-from workers.dashboard_nodes import NodeBook, NodeView, epoch
+from workers.dashboard.events import hostname, mapping
+from workers.dashboard.nodes import NodeBook, NodeView, epoch
 
 log = logging.getLogger(__name__)
 

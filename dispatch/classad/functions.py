@@ -1,6 +1,6 @@
 """The ClassAd built-in functions a ``Requirements`` expression may call.
 
-Each takes a list of :mod:`dispatch.classad_values` values and, like the operators,
+Each takes a list of :mod:`dispatch.classad.values` values and, like the operators,
 is total: it returns a value (ERROR when the call makes no sense) and never raises.
 
 ``regexp()`` runs a pattern the job chose against machine attributes, so it must not
@@ -19,7 +19,7 @@ from typing import NamedTuple, TypeGuard
 
 import regex  # type: ignore[import-untyped,unused-ignore]
 
-from dispatch.classad_values import (
+from dispatch.classad.values import (
     BINARY_OPERATORS,
     ERROR,
     INT_MAX,
