@@ -172,3 +172,14 @@ def test_a_late_event_of_a_purged_job_does_not_bring_it_back(ledger):
     # ... while a job first heard of after the horizon is recorded as usual.
     assert ledger.apply(job(Event.CLAIMED, "j2", t=150))
     assert ledger.job("j2").state is LedgerState.CLAIMED
+
+
+def test_an_exited_job_keeps_the_reason_its_node_gave(ledger):
+    assert ledger.apply(job(Event.CLAIMED, "oom", t=0))
+    reason = "exceeded RequestMemory (64 MiB): killed by the out-of-memory killer"
+    assert ledger.apply(job(Event.EXITED, "oom", t=1, exit_code=None, exit_by_signal=True,
+                            exit_signal=9, reason=reason))
+    assert ledger.job("oom").reason == reason
+    assert ledger.apply(job(Event.CLAIMED, "fine", t=0))
+    assert ledger.apply(job(Event.EXITED, "fine", t=1))
+    assert ledger.job("fine").reason is None

@@ -180,7 +180,8 @@ class JobFlow(NodeBase):
                   "duration_s": round(outcome.duration_s, 6)}
         reason = order.describe() if order is not None else lost_output or outcome.reason
         if state is JobState.EXITED:
-            self._event(Event.EXITED, active, result_bytes=len(archive), **result)
+            self._event(Event.EXITED, active, result_bytes=len(archive), reason=reason,
+                        **result)
         else:
             self._event(Event.HELD if held else Event.REMOVED, active, reason=reason,
                         by=order.by if order else None, **result)

@@ -281,6 +281,8 @@ def _exited(a: Applier, job: JobRow, body: Mapping[str, Any], at: datetime.datet
     job.exit_by_signal = bool(body.get("exit_by_signal"))
     job.exit_signal = body.get("exit_signal")
     job.result_bytes = body.get("result_bytes")
+    # Why the node stopped it or found it over its request (out of memory, disk).
+    job.reason = body.get("reason") or None
 
 
 def _removed(a: Applier, job: JobRow, body: Mapping[str, Any], at: datetime.datetime) -> None:
