@@ -29,6 +29,7 @@ from dispatch.job import (
     JobUpdate,
     Notify,
     Resources,
+    Stages,
     signal_number,
 )
 from dispatch.topology import DEFAULT_POOL, ReplyAddress
@@ -54,6 +55,13 @@ ARRAY_SIZE = "ArraySize"
 NOTIFY_USER = "NotifyUser"  # e-mail address for state-change notices (HTCondor's notify_user)
 NOTIFY_URL = "NotifyUrl"  # webhook receiving a JSON POST per notice
 NOTIFICATION = "Notification"  # Always | Complete | Error | Never (default Complete)
+# Staged jobs (schemas/README.md, "Jobs from a repository"): without these, none of it runs.
+SOURCE_URL = "SourceUrl"  # git URL fetched into the working directory before anything runs
+SOURCE_REF = "SourceRef"  # branch, tag or commit of SourceUrl (default: the remote's HEAD)
+SETUP_STEPS = "SetupSteps"  # shell lines run in order before Cmd; a string: one per line
+TRANSFER_OUTPUT = "TransferOutput"  # globs of what comes back; a string: comma-separated
+PRE_MODULES = "PreModules"  # node-installed hooks run before the job; a string: comma-separated
+POST_MODULES = "PostModules"  # ... and after it
 # Both directions.
 JOB_ID = "JobId"
 ATTEMPT = "Attempt"
@@ -243,7 +251,35 @@ def _spec(h: Mapping[str, Any], job_id: str, priority: Any) -> JobSpec:
         job_id=job_id,
         array=_array_place(h),
         notify=_notify(h),
+        stages=_stages(h) if not _STAGE_HEADERS.isdisjoint(h) else None,
     )
+
+
+_STAGE_HEADERS = frozenset({SOURCE_URL, SOURCE_REF, SETUP_STEPS, TRANSFER_OUTPUT, PRE_MODULES,
+                            POST_MODULES})
+
+
+def _stages(h: Mapping[str, Any]) -> Stages:
+    if SOURCE_REF in h and SOURCE_URL not in h:
+        raise InvalidMessageError(f"needs {SOURCE_URL}: a ref of what?", field=SOURCE_REF)
+    setup = h.get(SETUP_STEPS) or ()
+    if isinstance(setup, str):
+        setup = [line for line in setup.splitlines() if line.strip()]
+    output = _list(h, TRANSFER_OUTPUT)
+    for glob in output:
+        if glob.startswith("/") or ".." in glob.split("/") or "\0" in glob:
+            raise InvalidMessageError(f"{glob!r} is not inside the working directory",
+                                      field=TRANSFER_OUTPUT)
+    return Stages(source=h.get(SOURCE_URL), ref=h.get(SOURCE_REF),
+                  setup=tuple(str(step) for step in setup), output=output,
+                  pre_modules=_list(h, PRE_MODULES), post_modules=_list(h, POST_MODULES))
+
+
+def _list(h: Mapping[str, Any], name: str) -> tuple[str, ...]:
+    """Return a list header given as an array or as a comma-separated string."""
+    value = h.get(name) or ()
+    items = value.split(",") if isinstance(value, str) else value
+    return tuple(str(item).strip() for item in items if str(item).strip())
 
 
 def _array_place(h: Mapping[str, Any]) -> ArrayPlace | None:
@@ -324,6 +360,12 @@ def encode_request(spec: JobSpec) -> dict[str, Any]:
     if spec.array is not None:
         candidates += [(ARRAY_ID, spec.array.array_id, None),
                        (ARRAY_INDEX, spec.array.index, None), (ARRAY_SIZE, spec.array.size, None)]
+    if spec.stages is not None:
+        st = spec.stages
+        candidates += [(SOURCE_URL, st.source, None), (SOURCE_REF, st.ref, None),
+                       (SETUP_STEPS, list(st.setup), []), (TRANSFER_OUTPUT, list(st.output), []),
+                       (PRE_MODULES, list(st.pre_modules), []),
+                       (POST_MODULES, list(st.post_modules), [])]
     if spec.notify is not None:
         candidates += [(NOTIFY_USER, spec.notify.email, None), (NOTIFY_URL, spec.notify.url, None),
                        (NOTIFICATION, spec.notify.when, None)]

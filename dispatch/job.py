@@ -104,6 +104,26 @@ class JobSpec:
     job_id: str | None = None
     array: ArrayPlace | None = None
     notify: Notify | None = None
+    stages: Stages | None = None
+
+
+@dataclass(frozen=True)
+class Stages:
+    """What a node does around a job's command: fetch, set up, hook, select output.
+
+    ``source`` is a git URL fetched into the working directory (``ref``: a branch, tag
+    or commit; the remote's HEAD when None). ``setup`` are shell lines run in order
+    before the command; ``pre_modules``/``post_modules`` name executables the operator
+    installed on the node, run before and after; ``output`` are globs naming what comes
+    back (everything when empty). A job without any of these has no Stages at all.
+    """
+
+    source: str | None = None
+    ref: str | None = None
+    setup: tuple[str, ...] = ()
+    output: tuple[str, ...] = ()
+    pre_modules: tuple[str, ...] = ()
+    post_modules: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

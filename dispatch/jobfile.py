@@ -6,6 +6,7 @@ Errors name the field at fault, in one line, for the CLI to print.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from dispatch import schema
+from dispatch import schema, userinput
 from dispatch.errors import InvalidJobFileError
 from dispatch.headers import quote
 from dispatch.job import (
@@ -22,12 +23,16 @@ from dispatch.job import (
     JobSpec,
     Notify,
     Resources,
+    Stages,
     signal_number,
 )
 from dispatch.quantity import parse_duration_s, parse_size_mib
 from dispatch.topology import DEFAULT_POOL
 
 PRIORITY_WORDS = {"low": 1, "med": DEFAULT_PRIORITY, "high": 8}
+#: Schemes a node fetches a ``source`` from; anything else with ``://`` is refused.
+GIT_SCHEMES = ("https", "http", "git", "ssh", "file")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _REQUIREMENT_KEYS = ("cpus", "memory", "disk", "time_limit", "group", "notgroup", "host",
                      "expression")
 
@@ -45,8 +50,13 @@ def load(path: Path) -> dict[str, Any]:
         raise InvalidJobFileError(f"{path}: not valid {_kind(path)}: {first}") from None
     if not isinstance(data, dict):
         raise InvalidJobFileError(f"{path}: a job file must be a mapping of fields")
-    schema.validate(schema.JOBFILE, data, InvalidJobFileError)
-    return data
+    fields: dict[str, Any] = data
+    if userinput.is_user_input(fields):
+        fields = userinput.to_fields(fields, path.parent)  # the thesis's format (user guide)
+    if "command" not in fields and "execution" not in fields:  # the schema's anyOf, named
+        raise InvalidJobFileError("is required (or execution: shell lines)", field="command")
+    schema.validate(schema.JOBFILE, fields, InvalidJobFileError)
+    return fields
 
 
 def _kind(path: Path) -> str:
@@ -78,11 +88,12 @@ def spec_from_fields(data: Mapping[str, Any], base_dir: Path = Path()) -> JobSpe
     command, arguments = _command(data)
     reqs = data.get("requirements") or {}
     resources, time_limit = _resources(reqs)
+    stages, shipped = _stages(data, base_dir)
     return JobSpec(
         command=command,
         arguments=arguments,
         environment={str(k): _env_text(v) for k, v in (data.get("environment") or {}).items()},
-        inputs=tuple(_input_path(base_dir, p) for p in data.get("inputs") or ()),
+        inputs=shipped + tuple(_input_path(base_dir, p) for p in data.get("inputs") or ()),
         stdin=data.get("stdin"),
         stdout=data.get("stdout", "job.out"),
         stderr=data.get("stderr", "job.err"),
@@ -95,7 +106,41 @@ def spec_from_fields(data: Mapping[str, Any], base_dir: Path = Path()) -> JobSpe
         pool=data.get("pool") or DEFAULT_POOL,
         name=data.get("name"),
         notify=_notify(data.get("notify")),
+        stages=stages,
     )
+
+
+def _stages(data: Mapping[str, Any], base_dir: Path) -> tuple[Stages | None, tuple[Path, ...]]:
+    """Return the job's Stages (None when it has none) and the inputs a source directory ships."""
+    source = data.get("source")
+    shipped: tuple[Path, ...] = ()
+    if source and not _URL.match(source):
+        if data.get("ref"):
+            raise InvalidJobFileError("only a git source has a ref", field="ref")
+        folder = Path(source).expanduser()
+        folder = folder if folder.is_absolute() else base_dir / folder
+        if not folder.is_dir():
+            raise InvalidJobFileError(f"{source!r} is neither a git URL nor a directory",
+                                      field="source")
+        shipped, source = tuple(sorted(folder.iterdir())), None
+    elif source and source.split(":", 1)[0].lower() not in GIT_SCHEMES:
+        raise InvalidJobFileError(f"{source!r}: a git URL is {', '.join(GIT_SCHEMES)}://...",
+                                  field="source")
+    if data.get("ref") and not source:
+        raise InvalidJobFileError("a ref needs a git source", field="ref")
+    modules = data.get("modules") or ()
+    pre, post = (modules.get("pre") or (), modules.get("post") or ()) if isinstance(
+        modules, Mapping) else (modules, modules)
+    stages = Stages(source=source, ref=data.get("ref"), setup=_lines(data.get("setup")),
+                    output=_lines(data.get("output")), pre_modules=tuple(pre),
+                    post_modules=tuple(post))
+    return (None if stages == Stages() else stages), shipped
+
+
+def _lines(value: str | list[str] | None) -> tuple[str, ...]:
+    if not value:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 def _notify(value: Mapping[str, Any] | None) -> Notify | None:
@@ -106,6 +151,11 @@ def _notify(value: Mapping[str, Any] | None) -> Notify | None:
 
 
 def _command(data: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
+    if "execution" in data:
+        if "command" in data:
+            raise InvalidJobFileError("give command or execution, not both", field="execution")
+        steps = _lines(data["execution"])
+        return "/bin/sh", ("-c" if len(steps) == 1 else "-ec", "\n".join(steps))
     command = data["command"]
     extra = data.get("arguments") or ()
     if isinstance(extra, str):

@@ -28,6 +28,7 @@ from workers.cgroups import CgroupError, Cgroups, JobCgroup, Limits
 from workers.running import FailedStart, RunningJob
 from workers.spawn import Account, Process, spawn
 from workers.spawner import Spawner, SpawnerError
+from workers.stages import StagedRun, modules_dir
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class Runner:
         self._spawner_failed = False
         self.cgroups = _node_cgroups(node_name or f"pid-{os.getpid()}")
         self.pids_max = int(os.environ.get("DISPATCH_JOB_PIDS_MAX", DEFAULT_JOB_PIDS_MAX))
+        self.modules_dir = modules_dir()
         self._spare: JobCgroup | None = None
         self._make_spare()
         if run_as is not None:
@@ -115,6 +117,10 @@ class Runner:
             if stdin and not (workdir / stdin).is_file():
                 raise InvalidMessageError(f"{stdin!r} is not among the job's input files",
                                           field="In")
+            if request.spec.stages is not None:  # a staged job (workers/stages.py)
+                staged = StagedRun(request, workdir, self.modules_dir)
+                staged.check_modules()
+                staged.write()
             if self.run_as is not None:
                 _chown_tree(workdir, self.run_as)
         except Exception:
@@ -150,7 +156,9 @@ class Runner:
                                                                  self.run_as)
         stdin = (os.open(workdir / spec.stdin, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
                  if spec.stdin else None)
-        argv = [spec.command, *spec.arguments]
+        staged = (StagedRun(request, workdir, self.modules_dir)
+                  if spec.stages is not None else None)
+        argv = staged.argv if staged is not None else [spec.command, *spec.arguments]
         proc: Process
         cgroup = self._cgroup(request, workdir)
         try:
@@ -165,7 +173,8 @@ class Runner:
         finally:
             for fd in {out, err} if stdin is None else {stdin, out, err}:
                 os.close(fd)
-        return RunningJob(request, workdir, proc, self.kill_grace_s, cgroup)
+        return RunningJob(request, workdir, proc, self.kill_grace_s, cgroup, staged=staged,
+                          chirp_env=extra_env)
 
     def _cgroup(self, request: JobRequest, workdir: Path) -> JobCgroup | None:
         """Make the job's cgroups; None (the job runs unconfined) when there are none."""

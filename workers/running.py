@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from dispatch.job import JobRequest
 from workers.cgroups import MIB, JobCgroup
 from workers.spawn import Process
 from workers.spawner import HelperProcess
+from workers.stages import StagedRun
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,14 @@ class RunningJob:
     """A started job: its process, working directory and kill schedule."""
 
     def __init__(self, request: JobRequest, workdir: Path, proc: Process,
-                 kill_grace_s: float, cgroup: JobCgroup | None = None) -> None:
+                 kill_grace_s: float, cgroup: JobCgroup | None = None, *,
+                 staged: StagedRun | None = None,
+                 chirp_env: Mapping[str, str] | None = None) -> None:
         self.request = request
+        #: A staged job's script (workers/stages.py); None for a plain job.
+        self.staged = staged
+        self._chirp_env = chirp_env or {}
+        self._outcome: Outcome | None = None
         #: The job's cgroups: killed when its process ends, removed at cleanup.
         self.cgroup = cgroup
         self._reasons: list[str] | None = None
@@ -118,7 +126,15 @@ class RunningJob:
             signal_tree(self.proc.pid, self.request.spec.kill_signal)
 
     def poll(self) -> Outcome | None:
-        """Return the outcome once the process has exited, else None."""
+        """Return the outcome once the process has exited, else None.
+
+        A staged job whose stages left notes (module output, a failed setup step) answers
+        None once more after it has exited: its notes are on the node's chirp socket, and
+        the node relays chirps before it reaps, so they reach the reply queue and the
+        ledger while the job still counts as running. The next call has the outcome.
+        """
+        if self._outcome is not None:
+            return self._outcome
         code = self.proc.poll()
         if code is None:
             return None
@@ -131,8 +147,12 @@ class RunningJob:
             self._reasons = self._end()
         reason = "; ".join(self._reasons) or None
         if code < 0:
-            return Outcome(None, True, -code, duration, self.removed, reason)
-        return Outcome(code, False, None, duration, self.removed, reason)
+            self._outcome = Outcome(None, True, -code, duration, self.removed, reason)
+        else:
+            self._outcome = Outcome(code, False, None, duration, self.removed, reason)
+        if self.staged is not None and self.staged.relay(self._chirp_env):
+            return None
+        return self._outcome
 
     def _end(self) -> list[str]:
         """Kill what the job left in its cgroups; return how it went over its requests."""
@@ -140,6 +160,10 @@ class RunningJob:
         if self.cgroup is not None:
             self.cgroup.kill()  # daemons that left the process group and session too
             reasons += self.cgroup.reasons()
+        if self.staged is not None:  # which stage failed comes first
+            spec = self.request.spec
+            failed = self.staged.finish((spec.stdout, spec.stderr))
+            reasons[:0] = [failed] if failed is not None else []
         disk_mb = self.request.spec.resources.disk_mb
         if disk_mb:
             used = disk_used_bytes(self.workdir)

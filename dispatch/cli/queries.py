@@ -10,12 +10,12 @@ from typing import Any
 
 import click
 
-from dispatch import broker, topology
+from dispatch import broker, events, topology
 from dispatch import headers as h
 from dispatch.config import DEFAULT_BROKER_URL
 from dispatch.errors import BrokerError, InvalidJobError
 from dispatch.ledger.explain import explain
-from dispatch.ledger.records import JobRecord, LedgerState, NodeRecord
+from dispatch.ledger.records import HistoryEntry, JobRecord, LedgerState, NodeRecord
 from dispatch.ledger.store import Ledger, utcnow
 from dispatch.progress import table
 
@@ -151,9 +151,11 @@ def q_command(owner: str | None, states: tuple[str, ...], pool: str | None, full
 @click.option("-u", "--user", "owner", help="Only this owner's jobs.")
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+@click.option("--full", is_flag=True, help="With JOBID: its attributes too (chirped ones, "
+              "module output, a failed setup step), in full.")
 @db_option
 def history_command(job_id: str | None, owner: str | None, limit: int, as_json: bool,
-                    db: str | None) -> None:
+                    full: bool, db: str | None) -> None:
     """Finished jobs with exit codes and durations; with JOBID, that job's state changes."""
     ledger = Ledger.open(db)
     try:
@@ -161,9 +163,8 @@ def history_command(job_id: str | None, owner: str | None, limit: int, as_json: 
             entries = ledger.history(job_id)
             if not entries:
                 raise InvalidJobError(f"no job {job_id} in the ledger", field="JOBID")
-            rows = [{**asdict(e), "at": e.at.isoformat()} for e in entries]
-            click.echo(json.dumps(rows, indent=2) if as_json else table(
-                rows, ["at", "attempt", "event", "state", "node", "detail"]))
+            job = ledger.job(job_id) if full else None
+            _print_history(entries, job.attributes if job else None, as_json)
             return
         jobs = ledger.jobs(owner=owner, finished=True, limit=limit)
     finally:
@@ -176,6 +177,21 @@ def history_command(job_id: str | None, owner: str | None, limit: int, as_json: 
         "host": j.host, "exit": _exit(j), "duration": _duration(j.duration_s),
         "finished": _time(j.finished_at), "command": _command(j, False)} for j in jobs],
         HISTORY_COLUMNS))
+
+
+def _print_history(entries: list[HistoryEntry], attributes: dict[str, str] | None,
+                   as_json: bool) -> None:
+    rows = [{**asdict(e), "at": e.at.isoformat()} for e in entries]
+    if as_json:
+        click.echo(json.dumps(rows if attributes is None else
+                              {"history": rows, "attributes": attributes}, indent=2))
+        return
+    click.echo(table(rows, ["at", "attempt", "event", "state", "node", "detail"]))
+    for name, value in sorted((attributes or {}).items()):
+        lines = value.splitlines() or [""]
+        click.echo(f"\n{name}: {lines[0]}")
+        for line in lines[1:]:
+            click.echo(f"    {line}")
 
 
 def _exit(job: JobRecord) -> str | None:
@@ -252,12 +268,18 @@ def _node_row(n: NodeRecord, now: datetime.datetime) -> dict[str, Any]:
     age = (f"{int((now - n.last_heartbeat_at).total_seconds())}s ago"
            if n.last_heartbeat_at else None)
     return {"node": n.name,
-            "state": "draining" if n.draining else ("up" if n.online else "offline"),
+            "state": "draining" if n.draining else ("up" if n.online else
+                                                    "down" if _down(n) else "offline"),
             "slots": f"{slots_bar(used, n.slots_total)} {used}/{n.slots_total}",
             "memory": (f"{n.memory_free_mb}/{memory}M free" if n.memory_free_mb is not None
                        else f"{memory}M"),
             "groups": n.machine.get("Groups") or None, "pools": ",".join(n.pools),
             "running": running or None, "heartbeat": age}
+
+
+def _down(n: NodeRecord) -> bool:
+    """Tell whether ``n`` is an SSH host that stopped answering (retried, it comes back)."""
+    return (n.offline_reason or "").startswith(events.HOST_DOWN_PREFIX)
 
 
 def _json_node(n: NodeRecord) -> dict[str, Any]:
@@ -275,7 +297,7 @@ def stat_command(as_json: bool, show_all: bool, broker: str | None, db: str | No
     """Each node's slots, memory, groups and running jobs; pool totals and queue depths."""
     ledger = Ledger.open(db)
     try:
-        nodes = [n for n in ledger.nodes() if n.online or show_all]
+        nodes = [n for n in ledger.nodes() if n.online or show_all or _down(n)]
     finally:
         ledger.close()
     pools = sorted({p for n in nodes for p in n.pools})

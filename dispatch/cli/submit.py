@@ -37,7 +37,7 @@ def client_for(broker: str | None, client_id: str | None) -> Client:
 
 
 @click.command("submit")
-@click.argument("jobfile", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("first", metavar="[JOBFILE]", required=False, type=click.Path(dir_okay=False))
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.option("-c", "--cmd", "shell_cmd", metavar="CMD", help="Run CMD with /bin/sh -c.")
 @click.option("-r", "--requirements", "reqs", metavar="REQS",
@@ -49,6 +49,13 @@ def client_for(broker: str | None, client_id: str | None) -> Client:
 @click.option("-e", "--env", "env", multiple=True, metavar="NAME=VALUE",
               help="Environment variable for the job (repeatable).")
 @click.option("--name", help="A name for listings.")
+@click.option("--source", metavar="URL|DIR",
+              help="A git URL the node fetches, or a directory shipped as the job's files.")
+@click.option("--ref", metavar="REF", help="Branch, tag or commit of a git --source.")
+@click.option("--setup", "setup", multiple=True, metavar="CMD",
+              help="Shell line run before the command (repeatable, in order).")
+@click.option("--output", "output", multiple=True, metavar="GLOB",
+              help="Only these files come back, besides stdout and stderr (repeatable).")
 @click.option("--array", "array", type=click.IntRange(1, 100_000), metavar="N",
               help="Submit N copies sharing an array id (index in DISPATCH_ARRAY_INDEX).")
 @click.option("--wait", "wait_", is_flag=True, help="Wait, show progress, unpack the result.")
@@ -59,11 +66,12 @@ def client_for(broker: str | None, client_id: str | None) -> Client:
 @click.option("--client-id", help="Reply queue to use (default: this user's).")
 @broker_option
 @click.pass_context
-def submit_command(ctx: click.Context, /, jobfile: Path | None, command: tuple[str, ...],
+def submit_command(ctx: click.Context, /, first: str | None, command: tuple[str, ...],
                    **opts: Any) -> None:
     """Submit a job from JOBFILE, -c CMD, or -- CMD ARGS...; print its id."""
-    if jobfile is not None and (command or jobfile.suffix not in JOBFILE_SUFFIXES):
-        command, jobfile = (str(jobfile), *command), None  # `submit -- CMD ARGS...`
+    jobfile = Path(first) if first is not None else None
+    if first is not None and (command or Path(first).suffix not in JOBFILE_SUFFIXES):
+        command, jobfile = (first, *command), None  # `submit -- CMD ARGS...`, ./x kept as typed
     fields = _fields(jobfile, command, opts)
     base = jobfile.parent if jobfile else Path()
     spec = spec_from_fields(fields, base)
@@ -106,13 +114,14 @@ def _submit_array(spec: JobSpec, count: int, opts: dict[str, Any]) -> int:
 
 def _fields(jobfile: Path | None, command: tuple[str, ...], opts: dict[str, Any]) -> dict[str, Any]:
     fields: dict[str, Any] = load(jobfile) if jobfile else {}
-    if opts["shell_cmd"]:
-        fields["command"] = ["/bin/sh", "-c", opts["shell_cmd"]]
-    elif command:
-        fields["command"] = list(command)
-    if "command" not in fields:
+    if opts["shell_cmd"] or command:
+        fields.pop("execution", None)
+        fields["command"] = ["/bin/sh", "-c", opts["shell_cmd"]] if opts["shell_cmd"] else list(
+            command)
+    if "command" not in fields and "execution" not in fields:
         raise InvalidJobFileError("no command: give a JOBFILE, -c CMD or -- CMD ARGS",
                                   field="command")
+    _staging(fields, opts)
     if opts["reqs"]:
         fields["requirements"] = {**(fields.get("requirements") or {}),
                                   **parse_requirement_string(opts["reqs"])}
@@ -127,6 +136,20 @@ def _fields(jobfile: Path | None, command: tuple[str, ...], opts: dict[str, Any]
     if opts["name"]:
         fields["name"] = opts["name"]
     return fields
+
+
+def _staging(fields: dict[str, Any], opts: dict[str, Any]) -> None:
+    """Apply --source, --ref, --setup and --output over the job file's fields."""
+    for name in ("source", "ref"):
+        if opts[name]:
+            fields[name] = opts[name]
+    for name in ("setup", "output"):
+        if opts[name]:
+            fields[name] = [*_listed(fields.get(name)), *opts[name]]
+
+
+def _listed(value: str | list[str] | None) -> list[str]:
+    return [] if not value else [value] if isinstance(value, str) else list(value)
 
 
 def _env(pairs: tuple[str, ...]) -> dict[str, str]:
