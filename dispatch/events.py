@@ -32,6 +32,8 @@ from dispatch.errors import InvalidMessageError
 CONTENT_TYPE = "application/x-msgpack"
 #: Largest event or control body a consumer accepts (a claim carries the job's inputs).
 MAX_BODY_BYTES = 128 * 1024 * 1024
+#: How the offline reason of an SSH host that stopped answering begins (it comes back).
+HOST_DOWN_PREFIX = "down: "
 
 
 class Event(enum.StrEnum):

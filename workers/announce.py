@@ -40,10 +40,14 @@ class Announcer:
         return self.listening is not False
 
     def claim(self, *, job_id: str, attempt: int, pool: str, request: Mapping[str, Any],
-              lease_s: float, settle: Settle) -> None:
-        """Publish a job's claim; ``settle(True)`` once a ledger holds it, else ``False``."""
+              lease_s: float, settle: Settle, node: str | None = None) -> None:
+        """Publish a job's claim; ``settle(True)`` once a ledger holds it, else ``False``.
+
+        ``node`` is the machine the job runs on, when not this node's own (an SSH host).
+        """
+        node = node or self.node
         body = events.job_event(Event.CLAIMED, job_id=job_id, attempt=attempt, pool=pool,
-                                node=self.node, host=self.node, request=dict(request),
+                                node=node, host=node, request=dict(request),
                                 lease_s=lease_s)
 
         def claimed(ok: bool) -> None:
@@ -59,7 +63,8 @@ class Announcer:
         self._publish(copy, events.routing_key(Event.CLAIMED, pool), settle=None)
 
     def job(self, event: Event, *, job_id: str, attempt: int, pool: str,
-            settle: Settle | None = None, must_land: bool = False, **fields: Any) -> None:
+            settle: Settle | None = None, must_land: bool = False, node: str | None = None,
+            **fields: Any) -> None:
         """Publish a job event (running, attribute, exited, ...).
 
         The events of every job (running, exited) are skipped while no ledger listens;
@@ -71,15 +76,18 @@ class Announcer:
                 settle(True)
             return
         body = events.job_event(event, job_id=job_id, attempt=attempt, pool=pool,
-                                node=self.node, **fields)
+                                node=node or self.node, **fields)
         self._publish(body, events.routing_key(event, pool), settle=settle, watch=must_land)
 
-    def heartbeat(self, **fields: Any) -> None:
-        """Publish a heartbeat (the lease renewal of every job listed in it)."""
+    def heartbeat(self, node: str | None = None, **fields: Any) -> None:
+        """Publish a heartbeat (the lease renewal of every job listed in it).
+
+        ``node`` names another machine this node speaks for (an SSH host).
+        """
         self._heartbeats += 1
-        body = events.node_event(Event.HEARTBEAT, node=self.node, seq=self._heartbeats,
-                                 **fields)
-        self._publish(body, events.routing_key(Event.HEARTBEAT, self.node), settle=None)
+        node = node or self.node
+        body = events.node_event(Event.HEARTBEAT, node=node, seq=self._heartbeats, **fields)
+        self._publish(body, events.routing_key(Event.HEARTBEAT, node), settle=None)
 
     def look_for_ledger(self, conn: kombu.Connection) -> None:
         """Check whether the ledger's queue exists (claims need it to be safe)."""
@@ -89,10 +97,11 @@ class Announcer:
                      else "no ledger listens; jobs are acked at their end")
         self.listening = found
 
-    def offline(self, reason: str, settle: Settle | None = None) -> None:
-        """Publish that this node stops serving."""
-        body = events.node_event(Event.OFFLINE, node=self.node, reason=reason)
-        self._publish(body, events.routing_key(Event.OFFLINE, self.node), settle=settle)
+    def offline(self, reason: str, settle: Settle | None = None, node: str | None = None) -> None:
+        """Publish that this node (or ``node``, an SSH host it speaks for) stops serving."""
+        node = node or self.node
+        body = events.node_event(Event.OFFLINE, node=node, reason=reason)
+        self._publish(body, events.routing_key(Event.OFFLINE, node), settle=settle)
 
     def _publish(self, body: dict[str, Any], key: str, *, settle: Settle | None,
                  watch: bool = False) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -14,6 +16,8 @@ from dispatch.chunks import DEFAULT_MAX_RESULT_BYTES
 from dispatch.config import DEFAULT_BROKER_URL
 from dispatch.quantity import parse_size_mib
 from workers.node import ExecuteNode, NodeConfig
+from workers.sshhosts import HostsFileError, load_hosts
+from workers.sshnode import SshHostsNode
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,10 @@ MAX_MESSAGE_BYTES = 128 * 1024 * 1024
               envvar="DISPATCH_SPOOL_DIR", show_envvar=True,
               help="Where large results are zipped and undeliverable ones kept "
               "(default: WORKDIR_ROOT/.spool).")
+@click.option("--ssh-hosts", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="DISPATCH_SSH_HOSTS", show_envvar=True,
+              help="Run each job on one of the SSH hosts in this YAML file instead of here "
+              "(no daemon on them; see docs/user-guide.md, Jobs on SSH hosts).")
 @click.option("--burst", is_flag=True, help="Exit once the queues are empty and jobs are done.")
 @click.option("--describe", is_flag=True,
               help="Print the machine attributes Requirements see (JSON) and exit.")
@@ -63,7 +71,8 @@ def worker(broker: str, pools: tuple[str, ...], slots: int | None, memory: str |
            exchange: str | None, routing_key: str | None, queue: str | None,
            workdir_root: Path, user: str, groups: tuple[str, ...], name: str | None,
            kill_grace: float, heartbeat_interval: float, admins: tuple[str, ...],
-           max_result_bytes: int, spool_dir: Path | None, burst: bool, describe: bool) -> None:
+           max_result_bytes: int, spool_dir: Path | None, ssh_hosts: Path | None, burst: bool,
+           describe: bool) -> None:
     """Run an execute node: take jobs from the pool queues and run them."""
     if not logging.getLogger().handlers or logging.getLogger().level > logging.INFO:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
@@ -93,6 +102,9 @@ def worker(broker: str, pools: tuple[str, ...], slots: int | None, memory: str |
         max_result_bytes=max_result_bytes,
         spool_dir=spool_dir,
     )
+    if ssh_hosts is not None:
+        _serve_ssh_hosts(config, ssh_hosts, describe)
+        return
     try:
         node = ExecuteNode(config)
     except KeyError:
@@ -101,6 +113,24 @@ def worker(broker: str, pools: tuple[str, ...], slots: int | None, memory: str |
         click.echo(json.dumps(node.attrs, indent=2, sort_keys=True))
         return
     log.info("node %s: advertises %s", node.machine.name, json.dumps(node.attrs, sort_keys=True))
+    node.install_signal_handlers()
+    node.run()
+    log.info("node %s: stopped after %d jobs", node.machine.name, node.jobs_done)
+
+
+def _serve_ssh_hosts(config: NodeConfig, path: Path, describe: bool) -> None:
+    """Run a node whose jobs run on the SSH hosts listed in ``path``."""
+    try:
+        hosts = load_hosts(path)
+    except HostsFileError as exc:
+        raise click.BadParameter(str(exc), param_hint="--ssh-hosts") from None
+    if config.name is None:
+        config = dataclasses.replace(config, name=f"{socket.getfqdn()}-ssh")
+    node = SshHostsNode(config, hosts)
+    if describe:
+        click.echo(json.dumps({link.name: link.attrs for link in node.pool.links}, indent=2,
+                              sort_keys=True))
+        return
     node.install_signal_handlers()
     node.run()
     log.info("node %s: stopped after %d jobs", node.machine.name, node.jobs_done)

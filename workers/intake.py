@@ -30,6 +30,16 @@ def admit(properties: Mapping[str, Any], raw_headers: Mapping[str, Any], body: b
     Raises InvalidMessageError for a malformed message and UnsatisfiableJobError for a
     valid job this node can never run; both carry the reason for the Rejected reply.
     """
+    request = decode(properties, raw_headers, body, env=env)
+    reason = unmet(request, slots, machine_attrs)
+    if reason:
+        raise UnsatisfiableJobError(reason)
+    return request
+
+
+def decode(properties: Mapping[str, Any], raw_headers: Mapping[str, Any], body: bytes, *,
+           env: headers.Envelope) -> JobRequest:
+    """Decode and validate one job message; raise InvalidMessageError if it is malformed."""
     undecodable = raw_headers.get(frames.UNDECODABLE)
     if undecodable is not None:
         raise InvalidMessageError(f"cannot be decoded: {undecodable}", field="properties")
@@ -48,12 +58,16 @@ def admit(properties: Mapping[str, Any], raw_headers: Mapping[str, Any], body: b
     elif request.spec.stdin:
         raise InvalidMessageError(f"{request.spec.stdin!r} names an input but the body is empty",
                                   field="In")
+    return request
+
+
+def unmet(request: JobRequest, slots: Slots, machine_attrs: Mapping[str, object]) -> str | None:
+    """Return why a machine with ``slots`` and ``machine_attrs`` can never run ``request``."""
     reason = slots.never_fits(request.spec.resources)
     if reason:
-        raise UnsatisfiableJobError(reason)
+        return reason
     expr = _expression(request.spec.requirements)
     if not expr.evaluate(machine_attrs):
         terms = expr.failing_terms(machine_attrs) or [expr.text]
-        raise UnsatisfiableJobError(
-            f"Requirements not met by {machine_attrs.get('Machine')}: {' && '.join(terms)}")
-    return request
+        return f"Requirements not met by {machine_attrs.get('Machine')}: {' && '.join(terms)}"
+    return None

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from dispatch import events, headers, topology
-from dispatch.errors import InvalidJobError
+from dispatch.errors import InvalidJobError, UnsatisfiableJobError
 from dispatch.events import ControlOp, Event
 from dispatch.job import JobState
 from workers import intake
@@ -68,13 +68,16 @@ class JobFlow(NodeBase):
 
     def _admit(self, message: Any, env: headers.Envelope) -> None:
         try:
-            request = intake.admit(message.properties, message.headers or {}, message.body,
-                                   env=env, slots=self.slots, machine_attrs=self.attrs)
+            request = intake.decode(message.properties, message.headers or {}, message.body,
+                                    env=env)
+            reason = self._unmet(request)
+            if reason:
+                raise UnsatisfiableJobError(reason)
         except InvalidJobError as exc:
             self._reject(message, env, exc.reason)
             return
         active = Active(message, request, env, message.delivery_tag, self._pool_of(message))
-        if self.slots.fits_now(request.spec.resources):
+        if self._fits_now(request):
             self._start(active)
         else:
             log.info("job %s: waiting for a free slot", env.job_id)
@@ -121,9 +124,9 @@ class JobFlow(NodeBase):
         if request.spec.resources.cpus > 1 and not self._claim_mode:
             self._update_prefetch()
         self._claim(active)
-        self._event(Event.RUNNING, active, host=self.machine.name,
+        self._event(Event.RUNNING, active, host=self._host(active),
                     started_at=active.job.started_at)
-        self._reply(active.env, JobState.RUNNING, b"", host=self.machine.name,
+        self._reply(active.env, JobState.RUNNING, b"", host=self._host(active),
                     started_at=active.job.started_at)
 
     def _claim(self, active: Active) -> None:
@@ -143,7 +146,7 @@ class JobFlow(NodeBase):
 
         self.announcer.claim(job_id=active.request.job_id, attempt=active.request.attempt,
                              pool=active.pool, request=request, lease_s=self.config.lease_s,
-                             settle=claimed)
+                             settle=claimed, node=self._host(active))
 
     def _reap(self, active: Active) -> None:
         job = active.job
@@ -175,7 +178,7 @@ class JobFlow(NodeBase):
         state = JobState.HELD if held else JobState.REMOVED if outcome.removed else JobState.EXITED
         log.debug("job %s: %s code=%s signal=%s in %.3fs", request.job_id, state.value,
                   outcome.exit_code, outcome.exit_signal, outcome.duration_s)
-        result = {"host": self.machine.name, "exit_code": outcome.exit_code,
+        result = {"host": self._host(active), "exit_code": outcome.exit_code,
                   "exit_by_signal": outcome.exit_by_signal, "exit_signal": outcome.exit_signal,
                   "duration_s": round(outcome.duration_s, 6)}
         reason = order.describe() if order is not None else lost_output or outcome.reason
@@ -196,7 +199,7 @@ class JobFlow(NodeBase):
 
     def _start_waiting(self) -> None:
         while self.waiting and not self.stopping:
-            if not self.slots.fits_now(self.waiting[0].request.spec.resources):
+            if not self._fits_now(self.waiting[0].request):
                 return
             self._start(self.waiting.popleft())
 
@@ -208,7 +211,8 @@ class JobFlow(NodeBase):
 
     def _event(self, event: Event, active: Active, **fields: Any) -> None:
         self.announcer.job(event, job_id=active.request.job_id,
-                           attempt=active.request.attempt, pool=active.pool, **fields)
+                           attempt=active.request.attempt, pool=active.pool,
+                           node=self._host(active), **fields)
 
     def _reply(self, env: headers.Envelope, state: JobState, body: bytes, *,
                settle: Settle | None = None, **fields: Any) -> None:

@@ -19,6 +19,7 @@ from amqp import spec
 from dispatch import broker, events, headers
 from dispatch.chunks import DEFAULT_MAX_RESULT_BYTES
 from dispatch.job import JobRequest
+from workers import intake
 from workers.announce import Announcer
 from workers.chirp import ChirpSocket
 from workers.machine import Machine, detect
@@ -103,8 +104,7 @@ class NodeBase:
                                        name=config.name, memory_mb=config.memory_mb)
         self.attrs = self.machine.attributes()
         self.slots = Slots(self.machine)
-        self.runner = Runner(config.workdir_root, run_as, config.kill_grace_s,
-                             node_name=self.machine.name)
+        self.runner = self._make_runner(run_as)
         self.spool = Spool(config.spool_dir or config.workdir_root / ".spool",
                            config.max_result_bytes)
         self.running: dict[str, Active] = {}
@@ -137,6 +137,25 @@ class NodeBase:
         self._replies_now: Replies | None = None
         self._announcer: Announcer | None = None
         self._conn: kombu.Connection | None = None
+
+    # -- what a node of SSH hosts (workers/sshnode.py) does otherwise ---------------------
+
+    def _make_runner(self, run_as: RunAs | None) -> Runner:
+        """Return the runner that starts this node's jobs (here, on this machine)."""
+        return Runner(self.config.workdir_root, run_as, self.config.kill_grace_s,
+                      node_name=self.machine.name)
+
+    def _unmet(self, request: JobRequest) -> str | None:
+        """Return why this node can never run ``request``, or None when it can."""
+        return intake.unmet(request, self.slots, self.attrs)
+
+    def _fits_now(self, request: JobRequest) -> bool:
+        """Tell whether ``request`` can start now."""
+        return self.slots.fits_now(request.spec.resources)
+
+    def _host(self, active: Active) -> str:
+        """Return the name of the machine ``active`` runs on (its events' node)."""
+        return self.machine.name
 
     def request_stop(self, reason: str = "stopped") -> None:
         """Stop taking jobs; ``run`` returns once running jobs have finished and replied."""
