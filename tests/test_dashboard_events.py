@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import time
 from typing import Any
 
 import pytest
@@ -224,17 +225,26 @@ def test_active_queues_of_a_quorum_pool_name_each_level_queue_as_the_broker_has_
     with broker.connect(vhost_url, heartbeat_s=0) as conn:
         channel = conn.default_channel
         levels = broker.declare_pool_queues(channel, "default", topology.QUORUM)
+        confirms = broker.Confirms(channel)
         for level in (topology.HIGH, topology.LOW):
-            channel.basic_publish(broker.message(b"", {"Cmd": "x"}),
-                                  exchange=topology.jobs_exchange(level), routing_key="default")
-        depth = 0
-        for queue, (level, _) in zip(queues[:3], levels, strict=True):
-            assert queue["exchange"]["name"] == topology.jobs_exchange(level)
-            # Declared as Flower is told it is: the broker refuses (406) any other arguments.
-            depth += channel.queue_declare(queue["name"], durable=queue["durable"],
-                                           auto_delete=queue["auto_delete"],
-                                           arguments=queue["queue_arguments"])[1]
-    assert depth == 2
+            confirms.wait_for(confirms.publish(broker.message(b"", {"Cmd": "x"}),
+                                               topology.jobs_exchange(level), "default"))
+
+        def depth() -> int:
+            total = 0
+            for queue, (level, _) in zip(queues[:3], levels, strict=True):
+                assert queue["exchange"]["name"] == topology.jobs_exchange(level)
+                # Declared as Flower is told it is: the broker refuses (406) other arguments.
+                total += channel.queue_declare(queue["name"], durable=queue["durable"],
+                                               auto_delete=queue["auto_delete"],
+                                               arguments=queue["queue_arguments"])[1]
+            return total
+
+        # Confirmed, both are in; a quorum queue's count may take a moment to say so.
+        deadline = time.monotonic() + 10
+        while (found := depth()) != 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert found == 2
 
 
 def test_stats_active_and_registered_come_from_the_heartbeat_and_claims() -> None:
