@@ -102,10 +102,10 @@ def test_stat_draws_slots_and_reads_queue_depths_from_the_broker(db, vhost_url):
 def test_stat_counts_the_jobs_waiting_at_every_priority_level_of_a_quorum_pool(db, vhost_url):
     with broker.connect(vhost_url) as conn:
         levels = dict(broker.declare_pool_queues(conn.default_channel, "p", topology.QUORUM))
-        for level in (topology.HIGH, topology.HIGH, topology.LOW):
-            conn.default_channel.basic_publish(broker.message(b"", {"Cmd": "x"}),
-                                               exchange=topology.jobs_exchange(level),
-                                               routing_key="p")
+        confirms = broker.Confirms(conn.default_channel)
+        for level in (topology.HIGH, topology.HIGH, topology.LOW):  # in the queues once confirmed
+            confirms.wait_for(confirms.publish(broker.message(b"", {"Cmd": "x"}),
+                                               topology.jobs_exchange(level), "p"))
         assert conn.default_channel.queue_declare(levels[topology.NORMAL], passive=True)[1] == 0
     pools = json.loads(_cli(db, "stat", "--json", url=vhost_url,
                             queue_type=topology.QUORUM).stdout)["pools"]
