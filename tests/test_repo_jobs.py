@@ -7,6 +7,7 @@ real workers and broker; modules and the thesis's user-input YAML end to end.
 from __future__ import annotations
 
 import getpass
+import itertools
 import json
 import os
 import pwd
@@ -193,6 +194,13 @@ def test_a_failing_setup_step_ends_the_job_with_its_exit_code_and_says_which(
     assert "ran" not in _files(tmp_path / "res" / record["job_id"])
 
 
+def test_submit_wait_prints_which_setup_step_failed(worker, pool, dispatch_cli):
+    run = dispatch_cli("submit", "--pool", pool, "--wait", "--setup", "exit 3", "--", "true")
+    assert run.returncode == 3
+    assert "Exited  exit 3" in run.stderr
+    assert "setup step 1 of 1 failed with exit code 3: exit 3" in run.stderr
+
+
 def test_a_repository_that_cannot_be_fetched_is_a_failed_setup_not_a_crash(
         worker, pool, dispatch_cli, repo):
     missing = repo["url"] + "-missing"
@@ -368,6 +376,27 @@ def test_staged_headers_round_trip_and_strings_are_lists_for_string_only_produce
     strings = {**typed, "SetupSteps": "chmod +x job\ncc -o job job.c\n",
                "TransferOutput": "out/**", "PostModules": "audit, notify"}
     assert headers.decode_request({"message_id": "j1"}, strings).spec == spec
+
+
+def _readme_git_job() -> tuple[dict, str]:
+    """Return the README's git-job request example and its amqp-publish (bash) block."""
+    text = (ROOT / "schemas" / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Jobs from a repository\n", 1)[1].split("\n## ", 1)[0]
+    typed = json.loads(section.split("```json\n", 1)[1].split("```", 1)[0])["message"]
+    return typed, section.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_string_only_git_job_is_the_typed_one(tmp_path):
+    typed, script = _readme_git_job()
+    stub = "amqp-publish() { printf '%s\\0' \"$@\"; }\n"
+    sent = subprocess.run(["bash", "-c", stub + script], capture_output=True, check=True,
+                          timeout=10).stdout.decode().split("\0")
+    strings = dict(value.split(": ", 1) for flag, value in itertools.pairwise(sent)
+                   if flag == "-H")
+    from_strings = headers.decode_request({}, strings)
+    from_typed = headers.decode_request(typed["properties"], typed["headers"])
+    assert from_strings.spec == from_typed.spec
+    assert from_typed.spec.stages.setup[2] == "cc -O2 -o histogram histogram.c"
 
 
 def test_a_plain_job_has_no_stages():

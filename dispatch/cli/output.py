@@ -33,12 +33,12 @@ def describe(update: JobUpdate) -> str:
     where = f" on {update.host}" if update.host else ""
     if update.state is JobState.RUNNING:
         return f"{update.job_id}  Running{where}"
-    if update.state is JobState.EXITED:
+    reason = f": {update.reason}" if update.reason else ""
+    if update.state is JobState.EXITED:  # the reason: a limit it ran into, a failed setup step
         how = (f"killed by signal {update.exit_signal}" if update.exit_by_signal
                else f"exit {update.exit_code}")
         took = f" in {update.duration_s:.3f}s" if update.duration_s is not None else ""
-        return f"{update.job_id}  Exited  {how}{took}{where}"
-    reason = f": {update.reason}" if update.reason else ""
+        return f"{update.job_id}  Exited  {how}{took}{where}{reason}"
     return f"{update.job_id}  {update.state.value}{where}{reason}"
 
 
