@@ -229,3 +229,15 @@ def test_a_rejected_job_the_broker_will_not_dead_letter_is_parked_on_the_spool_t
         assert all(proc.poll() is None for proc in workers.procs)
     finally:
         workers.stop_all()
+
+
+def test_running_is_sent_transient_and_the_final_reply_persistent(
+        amqp: kombu.Connection, rejection_pool: tuple[str, Workers]) -> None:
+    pool, _ = rejection_pool
+    replies = reply_queue(amqp)
+    publish_job(amqp, pool, {"Cmd": "true"}, message_id="durability-1", reply_to=replies)
+    running, exited = get_messages(amqp, replies, 2)
+    assert headers_of(running)["JobState"] == "Running"
+    assert running.properties["delivery_mode"] == 1  # advisory: lost with a broker restart
+    assert headers_of(exited)["JobState"] == "Exited"
+    assert exited.properties["delivery_mode"] == 2  # the durable record

@@ -27,6 +27,8 @@ from workers.spool import Packed
 log = logging.getLogger(__name__)
 
 Settle = Callable[[bool], None]
+#: delivery_mode of a message the broker keeps in memory only.
+TRANSIENT = 1
 #: Chunks of one result awaiting their confirm at once.
 CHUNK_WINDOW = 2
 #: Bytes of a content-header frame besides its properties (frame header and end,
@@ -81,6 +83,10 @@ class Replies:
         props: dict[str, Any] = {"correlation_id": env.correlation_id, "message_id": env.job_id}
         if body:
             props["content_type"] = ZIP_CONTENT_TYPE
+        if state is JobState.RUNNING:
+            # Advisory: the final reply (and, with a ledger, the claim) is the durable
+            # record, so Running is not written to disk by the broker.
+            props["delivery_mode"] = TRANSIENT
         self.publish(env, body, headers.reply_headers(state, env, **fields), props, settle)
 
     def publish(self, env: headers.Envelope, body: bytes, hdrs: dict[str, Any],
