@@ -116,6 +116,10 @@ def _wait(job: dict[str, Any], pid: int) -> dict[str, Any]:
     killed_at: float | None = None
     removed = reached = False
     control = 0
+    woken, wake = os.pipe()  # SIGCHLD writes here: the job's end wakes the loop at once
+    os.set_blocking(wake, False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.set_wakeup_fd(wake)
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
@@ -126,8 +130,11 @@ def _wait(job: dict[str, Any], pid: int) -> dict[str, Any]:
             killed_at = _kill(pid, int(job["kill_signal"]))
         elif killed_at is not None and now >= killed_at + grace:
             killed_at = _kill(pid, signal.SIGKILL)
-        ready, _, _ = select.select([control] if control >= 0 else [], [], [], 0.05)
-        if ready:
+        watched = [woken, control] if control >= 0 else [woken]
+        ready, _, _ = select.select(watched, [], [], 0.5)
+        if woken in ready:
+            os.read(woken, 512)
+        if control in ready:
             byte = os.read(control, 1)
             if not byte:  # the node's connection is gone: so is the job
                 control = -1

@@ -11,6 +11,7 @@ woken by ``wake``). A host that cannot be reached is retried with a doubling bac
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -143,6 +144,8 @@ class HostLink:
             transport = client.get_transport()
             if transport is not None:
                 transport.set_keepalive(KEEPALIVE_S)
+                # Jobs are small writes awaiting replies: Nagle would hold each one back.
+                transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             attrs = _platform(client)
             outcome: tuple[paramiko.SSHClient | None, str | None, dict[str, str]] = (
                 client, None, attrs)
