@@ -16,8 +16,6 @@ from dispatch.chunks import DEFAULT_MAX_RESULT_BYTES
 from dispatch.config import DEFAULT_BROKER_URL
 from dispatch.quantity import parse_size_mib
 from workers.node import ExecuteNode, NodeConfig
-from workers.sshhosts import HostsFileError, load_hosts
-from workers.sshnode import SshHostsNode
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +118,10 @@ def worker(broker: str, pools: tuple[str, ...], slots: int | None, memory: str |
 
 def _serve_ssh_hosts(config: NodeConfig, path: Path, describe: bool) -> None:
     """Run a node whose jobs run on the SSH hosts listed in ``path``."""
+    # paramiko loads only for this mode: a plain worker stays small and quick to fork.
+    from workers.sshhosts import HostsFileError, load_hosts  # noqa: PLC0415
+    from workers.sshnode import SshHostsNode  # noqa: PLC0415
+
     try:
         hosts = load_hosts(path)
     except HostsFileError as exc:
