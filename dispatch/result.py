@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dispatch.archive import Extracted, ExtractLimits, safe_extract
 from dispatch.errors import JobRejectedError
+from dispatch.extraction import Extracted, ExtractLimits, safe_extract
 from dispatch.job import JobState, JobUpdate
 
 

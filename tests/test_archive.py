@@ -12,18 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from dispatch import archive
+from dispatch import archive, extraction
 from dispatch.archive import (
     ZIP_CONTENT_TYPE,
-    Extracted,
-    ExtractLimits,
     is_zip,
-    safe_extract,
     zip_directory,
     zip_flat_directory,
     zip_paths,
 )
 from dispatch.errors import ArchiveError
+from dispatch.extraction import Extracted, ExtractLimits, safe_extract
 
 SECRET = b"root:$6$very-secret-hash:19000:0:99999:7:::"
 MiB = 1 << 20
@@ -105,9 +103,10 @@ def count_writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
 
 
 def test_the_public_api_is_exported() -> None:
-    public = {"ZIP_CONTENT_TYPE", "ExtractLimits", "Extracted", "is_zip", "safe_extract"}
-    assert set(archive.__all__) == public | {"FlatZip", "zip_directory", "zip_flat_directory",
-                                             "zip_paths"}
+    assert set(archive.__all__) == {"MAX_DEPTH", "MAX_NAME_BYTES", "ZIP_CONTENT_TYPE", "FlatZip",
+                                    "is_zip", "zip_directory", "zip_flat_directory",
+                                    "zip_paths"}
+    assert set(extraction.__all__) == {"ExtractLimits", "Extracted", "safe_extract"}
     assert ZIP_CONTENT_TYPE == "application/zip"
 
 

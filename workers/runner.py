@@ -21,8 +21,9 @@ import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from dispatch.archive import ExtractLimits, safe_extract, zip_directory
+from dispatch.archive import zip_directory
 from dispatch.errors import ArchiveError, InvalidMessageError
+from dispatch.extraction import ExtractLimits, safe_extract
 from dispatch.job import JobRequest
 from workers.cgroups import CgroupError, Cgroups, JobCgroup, Limits
 from workers.running import FailedStart, RunningJob
