@@ -17,7 +17,7 @@ whole, so a partial frame simply waits in the buffer for the rest. A caller that
 waits on the socket with a selector must drain frames until a read times out before
 it selects again (the execute node does): the buffer then holds no whole frame.
 
-TLS connections keep py-amqp's own transport.
+TLS connections (``amqps://``) keep py-amqp's own TLS socket.
 
 Every connection made here also reads what foreign producers send without breaking:
 bodies stay the bytes that arrived (py-amqp would otherwise decode a body by its
@@ -41,7 +41,7 @@ from kombu.transport import pyamqp
 
 from dispatch import frames
 
-__all__ = ["BufferedTCPTransport", "KombuTransport", "for_url"]
+__all__ = ["BufferedTCPTransport", "KombuSSLTransport", "KombuTransport", "for_url"]
 
 #: Bytes asked of the socket at once (a frame larger than this is read whole).
 READ_SIZE = 65536
@@ -163,7 +163,18 @@ class KombuTransport(pyamqp.Transport):  # type: ignore[misc]
     Connection = _Connection
 
 
+class KombuSSLTransport(KombuTransport):
+    """The same over TLS (``amqps://``): py-amqp's TLS socket, Dispatch's channels."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not self.client.ssl:  # as kombu's own amqps transport: TLS with default settings
+            self.client.ssl = True
+
+
 def for_url(url: str) -> type[KombuTransport] | None:
-    """Return the transport for a plain ``amqp://`` URL; None (kombu's choice) for others."""
+    """Return the transport for an ``amqp://`` or ``amqps://`` URL; None (kombu's choice)."""
     scheme = urlsplit(url.split(";", 1)[0].strip()).scheme
+    if scheme == "amqps":
+        return KombuSSLTransport
     return KombuTransport if scheme in ("amqp", "pyamqp") else None

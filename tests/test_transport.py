@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import amqp
+import kombu
 import pytest
 from amqp.exceptions import UnexpectedFrame
 
@@ -108,7 +109,16 @@ def test_a_closed_connection_and_a_bad_frame_end_are_errors(pair) -> None:
 def test_plain_urls_get_the_buffered_transport_and_tls_keeps_py_amqps() -> None:
     assert transport.for_url("amqp://u:p@host:5672//") is transport.KombuTransport
     assert transport.for_url("amqp://a//;amqp://b//") is transport.KombuTransport
-    assert transport.for_url("amqps://u:p@host:5671//") is None
+    assert transport.for_url("amqps://u:p@host:5671//") is transport.KombuSSLTransport
+    assert transport.for_url("redis://host") is None
+
+
+def test_a_tls_url_keeps_tls_and_reads_foreign_messages_as_plain_ones_do() -> None:
+    url = "amqps://u:p@host:5671//"
+    conn = kombu.Connection(url, transport=transport.for_url(url))
+    assert conn.transport.client.ssl is True  # TLS on, as kombu's amqps transport does
+    assert conn.transport.Connection.Channel is transport.KombuTransport.Connection.Channel
+    conn.release()
 
 
 def test_a_real_connection_uses_it(broker_url: str) -> None:
