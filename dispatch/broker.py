@@ -349,3 +349,37 @@ def consumer(channel: Any, queues: list[str], *, accept: list[str],
     return kombu.Consumer(channel, queues=[kombu.Queue(q, no_declare=True) for q in queues],
                           accept=accept, on_message=on_message, no_ack=False,
                           on_decode_error=lambda message, _exc: on_message(message))
+
+
+def raw_body(message: Any) -> bytes:
+    """Return a delivery's body as the bytes that arrived.
+
+    Dispatch's connections hand bodies over undecoded; py-amqp still gives an empty
+    body as ``""``, and another transport may have decoded one by its content_encoding.
+    """
+    body = message.body
+    if isinstance(body, bytes):
+        return body
+    if isinstance(body, bytearray | memoryview):
+        return bytes(body)
+    if not body:
+        return b""
+    encoding = message.properties.get("content_encoding") or "utf-8"
+    try:
+        return str(body).encode(encoding, "surrogatepass")
+    except (LookupError, UnicodeError):
+        return str(body).encode("utf-8", "surrogatepass")
+
+
+def connection_lost(exc: BaseException, connection: Any) -> bool:
+    """Tell whether ``exc`` means the broker connection or channel is gone.
+
+    An OSError can be a job's or the disk's as well as the socket's: it counts as a lost
+    connection only when ``connection`` (kombu's or py-amqp's) says it is down.
+    """
+    if isinstance(exc, amqp.exceptions.ConnectionError | amqp.exceptions.ChannelError
+                  | kombu.exceptions.OperationalError):
+        return True
+    if isinstance(exc, OSError):
+        return connection is None or not connection.connected
+    return False

@@ -6,12 +6,12 @@ import logging
 import time
 from typing import Any
 
+from dispatch import broker
 from dispatch.errors import InvalidJobError
 from dispatch.events import ControlOp, Event
 from dispatch.job import JobState
 from workers.jobflow import JobFlow
 from workers.orders import Order
-from workers.replies import raw_body
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class NodeDuties(JobFlow):
         if orders is None:
             return
         try:
-            order = orders.parse(message.properties, raw_body(message))
+            order = orders.parse(message.properties, broker.raw_body(message))
         except InvalidJobError as exc:
             self._refuse_order(message, exc.reason)
             return

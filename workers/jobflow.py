@@ -10,14 +10,14 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from dispatch import events, headers, topology
+from dispatch import broker, events, headers, topology
 from dispatch.errors import InvalidJobError, UnsatisfiableJobError
 from dispatch.events import ControlOp, Event
 from dispatch.job import JobState
 from workers import intake
 from workers.nodebase import RECENT_JOBS, Active, NodeBase
 from workers.orders import Order
-from workers.replies import Settle, raw_body
+from workers.replies import Settle
 from workers.spool import Packed
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ class JobFlow(NodeBase):
 
     def _receive(self, message: Any) -> None:
         """Take one job delivery in; whatever it holds, it ends replied to or kept."""
-        message.body = raw_body(message)
+        message.body = broker.raw_body(message)
         env: headers.Envelope | None = None
         try:
             env = headers.envelope(message.properties, message.headers or {})

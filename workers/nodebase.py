@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import amqp.exceptions
 import kombu
 import kombu.exceptions
 from amqp import spec
@@ -240,18 +239,8 @@ class NodeBase:
         self.waiting.clear()
 
     def _lost_connection(self, exc: BaseException) -> bool:
-        """Tell whether ``exc`` means the broker connection or channel is gone.
-
-        An OSError can be the job's or the disk's as well as the socket's: it counts as
-        a lost connection only when the connection says it is down.
-        """
-        if isinstance(exc, amqp.exceptions.ConnectionError | amqp.exceptions.ChannelError
-                      | kombu.exceptions.OperationalError):
-            return True
-        if isinstance(exc, OSError):
-            conn = self._conn
-            return conn is None or not conn.connected
-        return False
+        """Tell whether ``exc`` means this node's broker connection or channel is gone."""
+        return broker.connection_lost(exc, self._conn)
 
     def _drop_connection(self) -> None:
         broker.release_quietly(self._conn)

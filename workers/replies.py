@@ -145,7 +145,7 @@ class Replies:
             "x-original-exchange": info.get("exchange", ""),
             "x-original-routing-key": info.get("routing_key", ""),
         }
-        body = raw_body(message)
+        body = broker.raw_body(message)
         original = message.headers or {}
         for hdrs in ({**original, **extra}, {**_as_text(original), **extra}):
             msg = amqp.Message(body, application_headers=hdrs, **props)
@@ -177,26 +177,6 @@ class Replies:
             delivery.returned(msg, detail)  # the confirm that follows settles it
             return
         log.warning("job %s: reply could not be delivered: %s", job_id, detail)
-
-
-def raw_body(message: Any) -> bytes:
-    """Return a message's body as the bytes that arrived.
-
-    Dispatch's connections hand bodies over undecoded; py-amqp still gives an empty
-    body as ``""``, and another transport may have decoded one by its content_encoding.
-    """
-    body = message.body
-    if isinstance(body, bytes):
-        return body
-    if isinstance(body, bytearray | memoryview):
-        return bytes(body)
-    if not body:
-        return b""
-    encoding = message.properties.get("content_encoding") or "utf-8"
-    try:
-        return str(body).encode(encoding, "surrogatepass")
-    except (LookupError, UnicodeError):
-        return str(body).encode("utf-8", "surrogatepass")
 
 
 def _as_text(table: dict[Any, Any]) -> dict[str, Any]:

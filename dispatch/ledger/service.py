@@ -228,7 +228,7 @@ class LedgerService:
                     if sub is not None:
                         subs.append((msg, sub))
                 else:
-                    controls.append((msg, events.decode(raw_body(msg), what="control")))
+                    controls.append((msg, events.decode(broker.raw_body(msg), what="control")))
             except Exception as exc:  # one unreadable message must not stop the ledger
                 _reraise_unless_bad_data(exc, channel)
                 self._reject(channel, msg, item.kind, exc, rejected)
@@ -294,31 +294,17 @@ class LedgerService:
 
 def _reraise_unless_bad_data(exc: BaseException, channel: Any) -> None:
     """Raise ``exc`` again when the broker or the database is away rather than the data bad."""
-    if isinstance(exc, broker.CONNECTION_ERRORS) and not conn_alive(channel):
+    if broker.connection_lost(exc, getattr(channel, "connection", None)):
         raise exc
     if isinstance(exc, LedgerError) and not is_bad_data(exc):
         raise exc
-
-
-def raw_body(message: Any) -> bytes:
-    """Return a delivery's body as bytes (py-amqp gives an empty one as ``""``)."""
-    body = message.body
-    if isinstance(body, bytes):
-        return body
-    return str(body or "").encode("utf-8", "surrogatepass")
-
-
-def conn_alive(channel: Any) -> bool:
-    """Tell whether the channel's connection still stands (an OSError may be anyone's)."""
-    conn = getattr(channel, "connection", None)
-    return bool(conn is not None and conn.connected and channel.is_open)
 
 
 def _event_body(message: Any) -> dict[str, Any]:
     if message.content_type not in (events.CONTENT_TYPE, None, ""):
         raise InvalidMessageError(f"is {message.content_type!r}, not {events.CONTENT_TYPE}",
                                   field="content_type")
-    body = events.decode(raw_body(message))
+    body = events.decode(broker.raw_body(message))
     check_event(body)
     return body
 
@@ -330,5 +316,5 @@ def _submission(message: Any, now: datetime.datetime) -> dict[str, Any] | None:
         return None
     if not message.properties.get("message_id"):
         return None  # without an id the node invents one; the claim will tell
-    request = events.capture_request(message.properties, raw, raw_body(message))
+    request = events.capture_request(message.properties, raw, broker.raw_body(message))
     return {**request, "pool": message.delivery_info.get("routing_key") or "", "at": now}
