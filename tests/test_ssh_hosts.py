@@ -166,7 +166,8 @@ def test_a_host_that_stops_answering_is_down_its_job_reruns_elsewhere_and_it_com
     stat = _stat(ledger_service.db_url, vhost_url)
     _until(lambda: all(_state(stat(), h) == "up" for h in "abc"), "every host up")
     with Client(vhost_url) as client:
-        handle = client.submit(JobSpec("sh", ("-c", "sleep 3; echo done"), pool="ssh",
+        # A duration no other process on the machine sleeps for: the scan below finds it.
+        handle = client.submit(JobSpec("sh", ("-c", "sleep 3.0417; echo done"), pool="ssh",
                                        requirements='stringListMember("x", Groups)'))
         updates = handle.updates(timeout_s=60)
         first = next(updates)
@@ -177,7 +178,7 @@ def test_a_host_that_stops_answering_is_down_its_job_reruns_elsewhere_and_it_com
     assert runs == ["b"]  # run again once, elsewhere
     assert (rest[-1].state, rest[-1].host, rest[-1].exit_code) == (JobState.EXITED, "b", 0)
     assert _state(stat(), "a") == "down"
-    assert not _processes("sleep 3")
+    assert not _processes("sleep 3.0417")
     hosts.servers["a"].start()
     _until(lambda: _state(stat(), "a") == "up", "host a up again")
 
