@@ -65,11 +65,13 @@ class ControlOp(enum.StrEnum):
     RELEASE = "release"
     DRAIN = "drain"
     SYNC = "sync"
+    #: The head of a multi-node job lets a member node go (dispatch/gang.py).
+    GANG_RELEASE = "gang-release"
 
     @property
     def is_node_op(self) -> bool:
         """Tell whether this operation is addressed to one node rather than to jobs."""
-        return self is ControlOp.DRAIN
+        return self in (ControlOp.DRAIN, ControlOp.GANG_RELEASE)
 
 
 def now() -> str:

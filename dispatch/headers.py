@@ -27,6 +27,7 @@ from dispatch.job import (
     JobSpec,
     JobState,
     JobUpdate,
+    Nodes,
     Notify,
     Resources,
     Stages,
@@ -62,6 +63,12 @@ SETUP_STEPS = "SetupSteps"  # shell lines run in order before Cmd; a string: one
 TRANSFER_OUTPUT = "TransferOutput"  # globs of what comes back; a string: comma-separated
 PRE_MODULES = "PreModules"  # node-installed hooks run before the job; a string: comma-separated
 POST_MODULES = "PostModules"  # ... and after it
+# Multi-node jobs (schemas/README.md, "Multi-node jobs"): without these, one node runs it.
+MIN_NODES = "MinNodes"  # nodes that must be held before the job starts (the head included)
+MAX_NODES = "MaxNodes"  # nodes the head aims for (default MinNodes)
+BOOTSTRAP_SCRIPT = "BootstrapScript"  # shell script run on every node before the command
+CLEANUP_SCRIPT = "CleanupScript"  # ... and after it; what it puts in $DISPATCH_COPYBACK returns
+GATHER_TIME = "GatherTime"  # seconds to wait for MaxNodes once MinNodes are held (default 10)
 # Both directions.
 JOB_ID = "JobId"
 ATTEMPT = "Attempt"
@@ -252,7 +259,23 @@ def _spec(h: Mapping[str, Any], job_id: str, priority: Any) -> JobSpec:
         array=_array_place(h),
         notify=_notify(h),
         stages=_stages(h) if not _STAGE_HEADERS.isdisjoint(h) else None,
+        nodes=_nodes(h) if not _NODE_HEADERS.isdisjoint(h) else None,
     )
+
+
+_NODE_HEADERS = frozenset({MIN_NODES, MAX_NODES, BOOTSTRAP_SCRIPT, CLEANUP_SCRIPT, GATHER_TIME})
+
+
+def _nodes(h: Mapping[str, Any]) -> Nodes:
+    low = int(h.get(MIN_NODES, 1))
+    high = int(h.get(MAX_NODES, low))
+    if low < 1:
+        raise InvalidMessageError("must be at least 1", field=MIN_NODES)
+    if high < low:
+        raise InvalidMessageError(f"{high} is less than MinNodes ({low})", field=MAX_NODES)
+    return Nodes(min=low, max=high, bootstrap=h.get(BOOTSTRAP_SCRIPT) or None,
+                 cleanup=h.get(CLEANUP_SCRIPT) or None,
+                 gather_s=int(h.get(GATHER_TIME, Nodes.gather_s)))
 
 
 _STAGE_HEADERS = frozenset({SOURCE_URL, SOURCE_REF, SETUP_STEPS, TRANSFER_OUTPUT, PRE_MODULES,
@@ -366,6 +389,11 @@ def encode_request(spec: JobSpec) -> dict[str, Any]:
                        (SETUP_STEPS, list(st.setup), []), (TRANSFER_OUTPUT, list(st.output), []),
                        (PRE_MODULES, list(st.pre_modules), []),
                        (POST_MODULES, list(st.post_modules), [])]
+    if spec.nodes is not None:
+        nd = spec.nodes
+        candidates += [(MIN_NODES, nd.min, None), (MAX_NODES, nd.max, None),
+                       (BOOTSTRAP_SCRIPT, nd.bootstrap, None), (CLEANUP_SCRIPT, nd.cleanup, None),
+                       (GATHER_TIME, nd.gather_s, Nodes.gather_s)]
     if spec.notify is not None:
         candidates += [(NOTIFY_USER, spec.notify.email, None), (NOTIFY_URL, spec.notify.url, None),
                        (NOTIFICATION, spec.notify.when, None)]

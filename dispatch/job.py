@@ -105,6 +105,30 @@ class JobSpec:
     array: ArrayPlace | None = None
     notify: Notify | None = None
     stages: Stages | None = None
+    nodes: Nodes | None = None
+
+
+DEFAULT_GATHER_S = 10
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """A job that spans several execute nodes (openstack-queue's three-stage job).
+
+    The node that takes the job (the head) gathers between ``min`` and ``max`` nodes,
+    itself included, each meeting the job's RequestCpus/RequestMemory/Requirements; it
+    starts once ``min`` are held and, past that, waits up to ``gather_s`` more for
+    ``max``. ``bootstrap`` runs on every node after the payload is copied, the job's
+    command (the execute stage) on the head with ``$DISPATCH_HOSTFILE``, then
+    ``cleanup`` on every node; what cleanup leaves in ``$DISPATCH_COPYBACK`` comes back
+    as one archive per node.
+    """
+
+    min: int = 1
+    max: int = 1
+    bootstrap: str | None = None
+    cleanup: str | None = None
+    gather_s: int = DEFAULT_GATHER_S
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from dispatch.job import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_PRIORITY,
     JobSpec,
+    Nodes,
     Notify,
     Resources,
     Stages,
@@ -53,8 +54,9 @@ def load(path: Path) -> dict[str, Any]:
     fields: dict[str, Any] = data
     if userinput.is_user_input(fields):
         fields = userinput.to_fields(fields, path.parent)  # the thesis's format (user guide)
-    if "command" not in fields and "execution" not in fields:  # the schema's anyOf, named
-        raise InvalidJobFileError("is required (or execution: shell lines)", field="command")
+    if not {"command", "execution", "execute"} & fields.keys():  # the schema's anyOf, named
+        raise InvalidJobFileError("is required (or execution: shell lines, or execute: a "
+                                  "script)", field="command")
     schema.validate(schema.JOBFILE, fields, InvalidJobFileError)
     return fields
 
@@ -88,6 +90,13 @@ def spec_from_fields(data: Mapping[str, Any], base_dir: Path = Path()) -> JobSpe
     command, arguments = _command(data)
     reqs = data.get("requirements") or {}
     resources, time_limit = _resources(reqs)
+    nodes = _nodes(data)
+    min_cpus = (data.get("nodes") or {}).get("min_cpus")
+    if min_cpus is not None:
+        if "cpus" in reqs and int(reqs["cpus"]) != int(min_cpus):
+            raise InvalidJobFileError("give nodes.min_cpus or requirements.cpus, not both",
+                                      field="nodes.min_cpus")
+        resources = Resources(int(min_cpus), resources.memory_mb, resources.disk_mb)
     stages, shipped = _stages(data, base_dir)
     return JobSpec(
         command=command,
@@ -107,7 +116,27 @@ def spec_from_fields(data: Mapping[str, Any], base_dir: Path = Path()) -> JobSpe
         name=data.get("name"),
         notify=_notify(data.get("notify")),
         stages=stages,
+        nodes=nodes,
     )
+
+
+def _nodes(data: Mapping[str, Any]) -> Nodes | None:
+    """Return the multi-node part of a job file (``nodes:``, bootstrap, cleanup), if any."""
+    spec = data.get("nodes") or {}
+    if not spec and not data.get("bootstrap") and not data.get("cleanup"):
+        return None
+    low = int(spec.get("min", 1))
+    high = int(spec.get("max", low))
+    if high < low:
+        raise InvalidJobFileError(f"{high} is less than nodes.min ({low})", field="nodes.max")
+    gather = Nodes.gather_s
+    if "gather" in spec:
+        try:
+            gather = int(parse_duration_s(spec["gather"]))
+        except ValueError as exc:
+            raise InvalidJobFileError(str(exc), field="nodes.gather") from None
+    return Nodes(min=low, max=high, bootstrap=data.get("bootstrap") or None,
+                 cleanup=data.get("cleanup") or None, gather_s=gather)
 
 
 def _stages(data: Mapping[str, Any], base_dir: Path) -> tuple[Stages | None, tuple[Path, ...]]:
@@ -151,6 +180,11 @@ def _notify(value: Mapping[str, Any] | None) -> Notify | None:
 
 
 def _command(data: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
+    if "execute" in data:
+        if "command" in data or "execution" in data:
+            raise InvalidJobFileError("give execute, command or execution, one of them",
+                                      field="execute")
+        return "/bin/sh", ("-c", data["execute"])
     if "execution" in data:
         if "command" in data:
             raise InvalidJobFileError("give command or execution, not both", field="execution")
