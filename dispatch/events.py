@@ -48,6 +48,7 @@ class Event(enum.StrEnum):
     RELEASED = "job.released"
     REJECTED = "job.rejected"
     REQUEUED = "job.requeued"  # the ledger sent the job out again (lease expired, release)
+    GATHERING = "job.gathering"  # a multi-node job's head holds some nodes, wants more
     HEARTBEAT = "node.heartbeat"
     OFFLINE = "node.offline"
 

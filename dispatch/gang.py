@@ -114,7 +114,8 @@ class Member:
 
     def encode(self) -> bytes:
         """Return the joined notice's msgpack body."""
-        return msgpack.packb({"op": "joined", **self.__dict__}, use_bin_type=True)
+        packed: bytes = msgpack.packb({"op": "joined", **self.__dict__}, use_bin_type=True)
+        return packed
 
     @classmethod
     def decode(cls, body: bytes) -> Member:

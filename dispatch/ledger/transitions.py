@@ -176,7 +176,7 @@ class Applier:
 
     def _job_event(self, event: Event, body: Mapping[str, Any], at: datetime.datetime) -> bool:
         eid = dedupe_key(body)
-        if event is not Event.ATTRIBUTE and eid in self._seen:
+        if event not in (Event.ATTRIBUTE, Event.GATHERING) and eid in self._seen:
             return False
         job_id, attempt = str(body["job_id"]), int(body["attempt"])
         job = self.job(job_id)
@@ -198,7 +198,7 @@ class Applier:
             return False
         job.attempt = attempt
         _HANDLERS[event](self, job, body, at)
-        if event is not Event.ATTRIBUTE:
+        if event not in (Event.ATTRIBUTE, Event.GATHERING):
             self.record(job, event.value, at, event_id=eid, node=body.get("node"),
                         detail=_detail(body))
         return True
@@ -265,6 +265,13 @@ def _attribute(a: Applier, job: JobRow, body: Mapping[str, Any], at: datetime.da
         row.value, row.attempt, row.at = value, job.attempt, at
 
 
+def _gathering(a: Applier, job: JobRow, body: Mapping[str, Any], at: datetime.datetime) -> None:
+    """Keep what a multi-node job's head says of its nodes, as attributes explain shows."""
+    for name, value in (("NodesHeld", body.get("held")), ("GangStatus", body.get("status"))):
+        if value is not None:
+            _attribute(a, job, {"name": name, "value": value}, at)
+
+
 def _finished(a: Applier, job: JobRow, body: Mapping[str, Any], at: datetime.datetime,
               state: LedgerState) -> None:
     a.set_state(job, state)
@@ -316,6 +323,7 @@ _HANDLERS: dict[Event, _Handler] = {
     Event.CLAIMED: _claimed, Event.RUNNING: _running, Event.ATTRIBUTE: _attribute,
     Event.EXITED: _exited, Event.REMOVED: _removed, Event.REJECTED: _rejected,
     Event.HELD: _held, Event.RELEASED: _idle, Event.REQUEUED: _idle,
+    Event.GATHERING: _gathering,
 }
 _STARTS = frozenset({Event.CLAIMED, Event.RUNNING})
 
