@@ -40,6 +40,7 @@ def job(event: Event, job_id: str, attempt: int = 1, *, t: float = 0, pool: str 
         Event.HELD: {"host": node, "reason": "held"},
         Event.REJECTED: {"host": node, "reason": "Cmd: is required"},
         Event.ATTRIBUTE: {"name": "QpiddEndpoint", "value": "h:1"},
+        Event.GATHERING: {"held": 1, "min": 2, "max": 3, "cpus": 1, "status": "holds 1 of 2"},
     }
     body = events.job_event(event, job_id=job_id, attempt=attempt, pool=pool, node=node,
                             **{**defaults.get(event, {}), **fields})

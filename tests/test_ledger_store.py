@@ -183,3 +183,15 @@ def test_an_exited_job_keeps_the_reason_its_node_gave(ledger):
     assert ledger.apply(job(Event.CLAIMED, "fine", t=0))
     assert ledger.apply(job(Event.EXITED, "fine", t=1))
     assert ledger.job("fine").reason is None
+
+
+def test_a_gathering_event_keeps_the_heads_node_count_and_status_as_attributes(tmp_path):
+    led = Ledger.open(f"sqlite:///{tmp_path / 'l.db'}")
+    try:
+        assert led.apply(job(Event.CLAIMED, "g1"))
+        assert led.apply(job(Event.GATHERING, "g1", t=1, held=1, status="holds 1 of 2"))
+        assert led.apply(job(Event.GATHERING, "g1", t=2, held=2, status="holds 2 of 2"))
+        attrs = led.job("g1").attributes
+        assert attrs["NodesHeld"] == "2" and attrs["GangStatus"] == "holds 2 of 2"
+    finally:
+        led.close()
