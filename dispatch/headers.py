@@ -69,6 +69,9 @@ MAX_NODES = "MaxNodes"  # nodes the head aims for (default MinNodes)
 BOOTSTRAP_SCRIPT = "BootstrapScript"  # shell script run on every node before the command
 CLEANUP_SCRIPT = "CleanupScript"  # ... and after it; what it puts in $DISPATCH_COPYBACK returns
 GATHER_TIME = "GatherTime"  # seconds to wait for MaxNodes once MinNodes are held (default 10)
+# Fallback pools (schemas/README.md, "Fallback pools"): read by the ledger, never by a node.
+NO_FALLBACK = "NoFallback"  # true: the job waits for its own pool, never rerouted
+FALLBACK_FROM = "FallbackFrom"  # set by the ledger: the pool a rerouted job was taken from
 # Both directions.
 JOB_ID = "JobId"
 ATTEMPT = "Attempt"
@@ -260,7 +263,15 @@ def _spec(h: Mapping[str, Any], job_id: str, priority: Any) -> JobSpec:
         notify=_notify(h),
         stages=_stages(h) if not _STAGE_HEADERS.isdisjoint(h) else None,
         nodes=_nodes(h) if not _NODE_HEADERS.isdisjoint(h) else None,
+        fallback=not is_true(h.get(NO_FALLBACK)),
     )
+
+
+def is_true(value: Any) -> bool:
+    """Tell whether a boolean header is true: ``true`` typed, or the text true (any case)."""
+    if isinstance(value, str):
+        return unquote(value)[0].strip().lower() == "true"
+    return value is True
 
 
 _NODE_HEADERS = frozenset({MIN_NODES, MAX_NODES, BOOTSTRAP_SCRIPT, CLEANUP_SCRIPT, GATHER_TIME})
@@ -379,6 +390,7 @@ def encode_request(spec: JobSpec) -> dict[str, Any]:
         (REQUIREMENTS, spec.requirements, "TRUE"),
         (MAX_ATTEMPTS, spec.max_attempts, DEFAULT_MAX_ATTEMPTS),
         (JOB_NAME, spec.name, None),
+        (NO_FALLBACK, not spec.fallback, False),
     ]
     if spec.array is not None:
         candidates += [(ARRAY_ID, spec.array.array_id, None),

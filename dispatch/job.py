@@ -106,6 +106,8 @@ class JobSpec:
     notify: Notify | None = None
     stages: Stages | None = None
     nodes: Nodes | None = None
+    #: False: never rerouted to a fallback pool (``NoFallback``), it waits for its own.
+    fallback: bool = True
 
 
 DEFAULT_GATHER_S = 10
