@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from dispatch import schema, userinput
+from dispatch import oqueue, schema, userinput
 from dispatch.errors import InvalidJobFileError
 from dispatch.headers import quote
 from dispatch.job import (
@@ -47,13 +47,17 @@ def load(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InvalidJobFileError(f"{path}: not valid {_kind(path)}: {first}") from None
+        data = oqueue.lenient(text) if path.suffix == ".json" else None  # Gson's ' quotes
+        if not isinstance(data, dict) or not oqueue.is_oqueue(data):
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InvalidJobFileError(f"{path}: not valid {_kind(path)}: {first}") from None
     if not isinstance(data, dict):
         raise InvalidJobFileError(f"{path}: a job file must be a mapping of fields")
     fields: dict[str, Any] = data
     if userinput.is_user_input(fields):
         fields = userinput.to_fields(fields, path.parent)  # the thesis's format (user guide)
+    elif oqueue.is_oqueue(fields):
+        fields = oqueue.to_fields(fields)  # openstack-queue's format (user guide)
     if not {"command", "execution", "execute"} & fields.keys():  # the schema's anyOf, named
         raise InvalidJobFileError("is required (or execution: shell lines, or execute: a "
                                   "script)", field="command")
