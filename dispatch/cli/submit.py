@@ -17,7 +17,7 @@ from dispatch.jobfile import load, parse_priority, parse_requirement_string, spe
 from dispatch.progress import Progress
 from dispatch.result import JobResult
 
-from . import arrays, output
+from . import arrays, destinations, output
 
 EXIT_TIMEOUT = 124
 JOBFILE_SUFFIXES = (".yaml", ".yml", ".json")
@@ -80,6 +80,8 @@ def submit_command(ctx: click.Context, /, first: str | None, command: tuple[str,
         ctx.exit(_submit_array(spec, int(count), opts))
     with client_for(opts["broker"], opts["client_id"]) as client:
         handle = client.submit(spec)
+        destinations.remember(Settings.from_env().config_dir, handle.job_id,
+                              destinations.wanted(fields, base))  # log_path, results_path
         if not opts["as_json"]:
             click.echo(handle.job_id)
         if not opts["wait_"]:
@@ -196,11 +198,25 @@ def report(result: JobResult, out_dir: Path, as_json: bool) -> int:
         return 125
     dest = output.save(result, out_dir)
     record["directory"] = str(dest)
+    record.update(_deliver(result.job_id, dest, as_json))
     if as_json:
         click.echo(json.dumps(record))
     else:
         click.echo(f"{output.describe(result.update)} -> {dest}", err=True)
     return output.shell_status(record)
+
+
+def _deliver(job_id: str, dest: Path, as_json: bool) -> dict[str, Any]:
+    """Copy a multi-node job's per-node logs and archives to its log_path/results_path."""
+    try:
+        copied = destinations.deliver(Settings.from_env().config_dir, job_id, dest)
+    except OSError as exc:
+        click.echo(f"dispatch: job {job_id}: per-node files are only in {dest}: {exc}",
+                   err=True)
+        return {}
+    for target, names in copied.items() if not as_json else ():
+        click.echo(f"{job_id}: {len(names)} file(s) copied to {target}", err=True)
+    return {"copied": copied} if copied else {}
 
 
 @click.command("wait")
