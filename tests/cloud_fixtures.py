@@ -57,6 +57,7 @@ def cloud_env(cloud_double: OpenStackDouble, broker_url: str, tmp_path: Path) ->
         "DISPATCH_CLOUD_STATE_DIR": str(tmp_path / "state"),
         "DISPATCH_CLOUD_BROKER_HEARTBEAT": "0",
         "DISPATCH_CLOUD_TASK_QUEUE": f"dispatch.cloud.t-{uuid.uuid4().hex[:8]}",
+        "DISPATCH_CLOUD_GANG_QUEUE": f"dispatch.cloud.gangs-{uuid.uuid4().hex[:8]}",
         "DISPATCH_CLOUD_OWNER": "alice",
         "DISPATCH_CONFIG_DIR": str(tmp_path / "config"),
     })

@@ -1,7 +1,8 @@
 """An HTTP double of the OpenStack APIs the cloud plane uses, served by the stdlib.
 
 Keystone v3 (version discovery, password tokens, token checks), Nova v2.1 (flavors,
-servers, server metadata, console output, server groups) and Glance v2 (images).
+servers, server metadata, console output, server groups with their members and the
+``group`` scheduler hint) and Glance v2 (images).
 openstacksdk talks to it over real HTTP through a clouds.yaml; tests seed it
 (flavors, images, old servers), steer it (the status new servers boot into, the
 console output carrying SSH host keys) and read back every request it served.
@@ -119,6 +120,12 @@ class OpenStackDouble:
         """Return the names of the servers that exist now."""
         with self.lock:
             return {s["name"] for s in self.state.servers.values()}
+
+    def group_named(self, name: str) -> dict[str, Any] | None:
+        """Return the server group named ``name`` (members included), or None."""
+        with self.lock:
+            return next((dict(g, members=list(g["members"]))
+                         for g in self.state.groups.values() if g["name"] == name), None)
 
     def by_name(self, name: str) -> dict[str, Any]:
         """Return the server named ``name``."""

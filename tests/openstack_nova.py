@@ -124,8 +124,14 @@ def _create_server(state: State, _m: Any, _q: Any, body: Any) -> Reply:
     state.servers[server_id] = server_body(
         state, server_id, spec["name"], flavor_id, image_id, spec.get("metadata") or {}, status,
         datetime.datetime.now(datetime.UTC))
-    state.hints[server_id] = (body.get("os:scheduler_hints")
-                              or body.get("OS-SCH-HNT:scheduler_hints") or {})
+    hints = body.get("os:scheduler_hints") or body.get("OS-SCH-HNT:scheduler_hints") or {}
+    group = state.groups.get(hints.get("group", "")) if hints.get("group") else None
+    if hints.get("group") and group is None:
+        del state.servers[server_id]
+        return 400, {"badRequest": {"code": 400, "message": "Invalid server group"}}, {}
+    state.hints[server_id] = hints
+    if group is not None:
+        group["members"].append(server_id)
     if spec.get("user_data"):
         state.user_data[server_id] = spec["user_data"]
     return 202, {"server": {"id": server_id, "links": [], "adminPass": "x",
@@ -135,6 +141,9 @@ def _create_server(state: State, _m: Any, _q: Any, body: Any) -> Reply:
 def _delete_server(state: State, match: re.Match[str], *_: Any) -> Reply:
     if state.servers.pop(match[1], None) is None:
         return 404, {"itemNotFound": {"code": 404, "message": "Server not found"}}, {}
+    for group in state.groups.values():  # Nova drops a deleted server from its group
+        if match[1] in group["members"]:
+            group["members"].remove(match[1])
     return 204, None, {}
 
 
@@ -165,13 +174,28 @@ def _action(state: State, match: re.Match[str], _q: Any, body: Any) -> Reply:
     return 400, {"badRequest": {"code": 400, "message": "unsupported action"}}, {}
 
 
+#: Server group policies Nova knows (the soft ones from microversion 2.15).
+GROUP_POLICIES = ("affinity", "anti-affinity", "soft-affinity", "soft-anti-affinity")
+
+
 def _groups(state: State, match: re.Match[str], _q: Any, body: Any) -> Reply:
     if match[1] == "GET":
         return 200, {"server_groups": list(state.groups.values())}, {}
     spec = body["server_group"]
-    group = {"id": str(uuid.uuid4()), "name": spec["name"], "policies": spec["policies"],
-             "members": [], "metadata": {}}
+    policies = spec.get("policies") or ([spec["policy"]] if spec.get("policy") else [])
+    if len(policies) != 1 or policies[0] not in GROUP_POLICIES:
+        return 400, {"badRequest": {"code": 400,
+                                    "message": f"Invalid input: policies {policies!r}"}}, {}
+    group = {"id": str(uuid.uuid4()), "name": spec["name"], "policies": policies,
+             "members": [], "metadata": {}, "project_id": PROJECT, "user_id": USERNAME}
     state.groups[group["id"]] = group
+    return 200, {"server_group": group}, {}
+
+
+def _get_group(state: State, match: re.Match[str], *_: Any) -> Reply:
+    group = state.groups.get(match[1])
+    if group is None:
+        return 404, {"itemNotFound": {"code": 404, "message": "Server group not found"}}, {}
     return 200, {"server_group": group}, {}
 
 
@@ -192,6 +216,7 @@ _COMPUTE_ROUTES: list[tuple[str, Any]] = [
     (r"GET /servers/([^/]+)", _get_server),
     (r"DELETE /servers/([^/]+)", _delete_server),
     (r"(GET|POST) /os-server-groups", _groups),
+    (r"GET /os-server-groups/([^/]+)", _get_group),
     (r"DELETE /os-server-groups/([^/]+)", _delete_group),
 ]
 

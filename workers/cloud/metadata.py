@@ -4,7 +4,10 @@ Nova keeps them with the server, so any host running the reaper (or two of them)
 reads the same lifetime: ``created-by=dispatch``, ``pool``, ``owner``,
 ``lifetime_s``, ``created_at`` and ``expires_at`` (ISO-8601 UTC). The reaper adds
 ``drain_requested_at``/``drain_reason`` when it drains a node and
-``notice_sent_at`` when it warned that the lifetime ends soon.
+``notice_sent_at`` when it warned that the lifetime ends soon. Servers booted for one
+multi-node job also carry ``gang`` (the job id), ``gang_head`` (its head node),
+``gang_seen_at`` (when its head last said it gathers) and, once it runs,
+``gang_started_at``: any host finds them by these, and their server group by name.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ EXPIRES_AT = "expires_at"
 DRAIN_REQUESTED_AT = "drain_requested_at"
 DRAIN_REASON = "drain_reason"
 NOTICE_SENT_AT = "notice_sent_at"
+GANG = "gang"
+GANG_HEAD = "gang_head"
+GANG_SEEN_AT = "gang_seen_at"
+GANG_STARTED_AT = "gang_started_at"
 
 
 def stamp(moment: datetime.datetime) -> str:
@@ -53,6 +60,16 @@ def initial(*, pool: str, owner: str, lifetime_s: int,
         CREATED_AT: stamp(now),
         EXPIRES_AT: stamp(now + datetime.timedelta(seconds=lifetime_s)),
     }
+
+
+def gang(*, job_id: str, head: str, now: datetime.datetime) -> dict[str, str]:
+    """Return the metadata that marks a server as booted for the multi-node job ``job_id``."""
+    return {GANG: job_id, GANG_HEAD: head, GANG_SEEN_AT: stamp(now)}
+
+
+def gang_group(job_id: str) -> str:
+    """Return the name of the server group of the servers booted for ``job_id``."""
+    return f"dispatch-{job_id}"
 
 
 def is_ours(metadata: Mapping[str, str]) -> bool:

@@ -2,7 +2,9 @@
 
 Each server is named ``dispatch-<pool>-<8 hex>``, carries the metadata of
 :mod:`workers.cloud.metadata`, and runs ``dispatch worker --name <server name>
---pool <pool>`` once bootstrapped (over SSH when an SSH key is configured).
+--pool <pool>`` once bootstrapped (over SSH when an SSH key is configured). Servers
+booted for one multi-node job (``Order.gang``) also carry its ``gang`` metadata and boot
+into its own server group, ``dispatch-<job id>``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from workers.cloud import bootstrap, hostkeys, metadata
 from workers.cloud.bans import BootFailures
@@ -26,13 +27,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Order:
-    """What to provision: ``count`` nodes for ``pool``, each meeting ``need``."""
+    """What to provision: ``count`` nodes for ``pool``, each meeting ``need``.
+
+    With ``gang`` (a job id), the nodes are for that multi-node job, whose head is ``head``.
+    """
 
     pool: str
     count: int = 1
     need: Need = field(default_factory=Need)
     image: str | None = None
     lifetime_s: int | None = None
+    gang: str | None = None
+    head: str = ""
 
     def __post_init__(self) -> None:
         if self.count < 1:
@@ -84,8 +90,12 @@ def choose(cloud: Cloud, settings: CloudSettings, order: Order,
 
 
 def provision(cloud: Cloud, settings: CloudSettings, order: Order, *,
-              now: datetime.datetime | None = None, partial: bool = False) -> list[Server]:
+              now: datetime.datetime | None = None, partial: bool = False,
+              bootstrap_now: bool = True) -> list[Server]:
     """Boot ``order.count`` servers (fewer if ``partial`` and quotas say so); return them.
+
+    With an SSH key configured, each is bootstrapped before this returns, unless
+    ``bootstrap_now`` is False (the caller then bootstraps them: :func:`bootstrap_server`).
 
     Raises QuotaError when none may boot (or not all, unless ``partial``),
     BannedError for a banned image, NoFlavorError when no flavor fits.
@@ -97,24 +107,36 @@ def provision(cloud: Cloud, settings: CloudSettings, order: Order, *,
         raise QuotaError(f"{order.count} x {flavor.name} would pass the quotas "
                          f"(max {settings.max_nodes} nodes, {settings.max_cores} cores, "
                          f"{settings.max_ram_mb} MiB RAM); room for {count}")
-    group_id = (cloud.server_group(f"dispatch-{order.pool}", settings.server_group_policy)
-                if settings.server_group_policy else None)
+    group_id = _group(cloud, settings, order)
     lifetime_s = order.lifetime_s or settings.lifetime_s
     booted = []
     for _ in range(count):
         name = f"dispatch-{order.pool}-{uuid.uuid4().hex[:8]}"
         meta = metadata.initial(pool=order.pool, owner=settings.owner, lifetime_s=lifetime_s,
                                 now=now)
+        if order.gang:
+            meta.update(metadata.gang(job_id=order.gang, head=order.head, now=now))
         booted.append(cloud.boot(name, flavor, image, meta, network=settings.network,
                                  key_name=settings.key_name, group_id=group_id))
-    if settings.ssh_key is not None:
-        booted = [_bootstrap(cloud, settings, settings.ssh_key, server) for server in booted]
+    if settings.ssh_key is not None and bootstrap_now:
+        booted = [bootstrap_server(cloud, settings, server) for server in booted]
     return booted
 
 
-def _bootstrap(cloud: Cloud, settings: CloudSettings, key_file: Path,
-               server: Server) -> Server:
+def _group(cloud: Cloud, settings: CloudSettings, order: Order) -> str | None:
+    """Return the id of the server group the order's servers boot into, if any."""
+    if order.gang:
+        return cloud.server_group(metadata.gang_group(order.gang), settings.gang_policy)
+    if settings.server_group_policy:
+        return cloud.server_group(f"dispatch-{order.pool}", settings.server_group_policy)
+    return None
+
+
+def bootstrap_server(cloud: Cloud, settings: CloudSettings, server: Server) -> Server:
     """Wait for ``server``, trust the host key its console shows, start its worker."""
+    key_file = settings.ssh_key
+    if key_file is None:
+        raise CloudConfigError("DISPATCH_CLOUD_SSH_KEY is not set: cannot bootstrap over SSH")
     server = cloud.wait_active(server.id, timeout_s=settings.boot_timeout_s)
     if not server.address:
         raise BootstrapError(f"server {server.name} has no IPv4 address to reach")

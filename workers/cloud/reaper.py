@@ -10,11 +10,11 @@ import datetime
 import logging
 from collections.abc import Mapping
 
-from workers.cloud import drain, metadata
+from workers.cloud import drain, gangs, metadata
 from workers.cloud.bans import BootFailures
 from workers.cloud.errors import CloudApiError
 from workers.cloud.reaping import Action, NodeView, ReapPolicy, Verdict, judge
-from workers.cloud.servers import Cloud
+from workers.cloud.servers import Cloud, Server
 from workers.cloud.settings import CloudSettings
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,8 @@ def policy(settings: CloudSettings) -> ReapPolicy:
     """Return the reaping policy the settings describe."""
     return ReapPolicy(boot_timeout_s=settings.boot_timeout_s,
                       idle_timeout_s=settings.idle_timeout_s,
-                      drain_timeout_s=settings.drain_timeout_s, notice_s=settings.notice_s)
+                      drain_timeout_s=settings.drain_timeout_s, notice_s=settings.notice_s,
+                      gang_silence_s=settings.gang_silence_s)
 
 
 def ledger_nodes(ledger_url: str | None,
@@ -45,11 +46,22 @@ def reap(cloud: Cloud, settings: CloudSettings, *, dry_run: bool = False,
          now: datetime.datetime | None = None) -> list[Verdict]:
     """Judge every Dispatch server and, unless ``dry_run``, act; return the verdicts."""
     now = now or datetime.datetime.now(datetime.UTC)
-    verdicts = judge(cloud.servers(), ledger_nodes(settings.ledger_url, now), now,
-                     policy(settings))
+    servers = cloud.servers()
+    verdicts = judge(servers, ledger_nodes(settings.ledger_url, now), now, policy(settings))
     if not dry_run:
         carry_out(cloud, settings, verdicts, now)
+        drop_gang_groups(cloud, servers, verdicts)
     return verdicts
+
+
+def drop_gang_groups(cloud: Cloud, servers: list[Server], verdicts: list[Verdict]) -> None:
+    """Delete the server group of each multi-node job whose last server was just deleted."""
+    deleted = {v.server.id for v in verdicts if v.action is Action.DELETE}
+    emptied = {s.metadata[metadata.GANG] for s in servers
+               if s.id in deleted and s.metadata.get(metadata.GANG)}
+    kept = {s.metadata.get(metadata.GANG) for s in servers if s.id not in deleted}
+    for job in sorted(emptied - kept):
+        gangs.delete_group(cloud, job)
 
 
 def carry_out(cloud: Cloud, settings: CloudSettings, verdicts: list[Verdict],

@@ -11,6 +11,12 @@ Rules, for each server Dispatch booted (in this order; the first that applies wi
 6. Online with no job running and none for the idle timeout: drain.
 7. Lifetime ending within the notice period: warn once.
 
+Servers booted for a multi-node job (``gang`` metadata) are never drained as idle (rule 6:
+they wait for their job, which deletes them when it ends). While their job gathers (no
+``gang_started_at``), they are deleted when its head fell silent for the gang silence
+(no ``gang_seen_at`` refresh), or when the ledger says the head is offline or unknown and
+it missed two of its 30 s gathering events.
+
 Rules 4-6 need the ledger's view of the nodes; without it (``nodes`` is None) only
 rules 1-3 (node unknown: delete on expiry) and 7 run.
 """
@@ -85,6 +91,11 @@ class ReapPolicy:
     idle_timeout_s: int = 600
     drain_timeout_s: int = 3600
     notice_s: int = 0
+    gang_silence_s: int = 600
+
+
+#: A gathering job's head speaks every 30 s; two missed events with its node gone end it.
+HEAD_GONE_S = 60
 
 
 def judge(servers: Sequence[Server], nodes: Mapping[str, NodeView] | None,
@@ -96,6 +107,8 @@ def judge(servers: Sequence[Server], nodes: Mapping[str, NodeView] | None,
             continue
         node = nodes.get(server.name) if nodes is not None else None
         verdict = _judge_one(server, node, nodes is not None, now, policy)
+        if verdict is None and server.metadata.get(metadata.GANG):
+            verdict = _gang(server, nodes, now, policy)
         if verdict is not None:
             verdicts.append(verdict)
     return verdicts
@@ -148,8 +161,28 @@ def _by_node(server: Server, node: NodeView | None, now: datetime.datetime,
         return None
     last_active = node.last_job_at or node.started_at or server.created_at
     idle = now - last_active
-    if not node.running and not node.draining and idle.total_seconds() >= policy.idle_timeout_s:
+    if not node.running and not node.draining and not server.metadata.get(metadata.GANG) \
+            and idle.total_seconds() >= policy.idle_timeout_s:
         return Verdict(server, Action.DRAIN, f"idle for {_ago(idle)}")
+    return None
+
+
+def _gang(server: Server, nodes: Mapping[str, NodeView] | None, now: datetime.datetime,
+          policy: ReapPolicy) -> Verdict | None:
+    """Delete a gathering job's server whose head is gone (module docstring)."""
+    if server.metadata.get(metadata.GANG_STARTED_AT):
+        return None
+    job, head = server.metadata[metadata.GANG], server.metadata.get(metadata.GANG_HEAD, "?")
+    seen = metadata.parse_time(server.metadata.get(metadata.GANG_SEEN_AT)) or server.created_at
+    silent = now - seen
+    if silent.total_seconds() >= policy.gang_silence_s:
+        return Verdict(server, Action.DELETE,
+                       f"job {job}: no word from its head {head} for {_ago(silent)}")
+    if nodes is not None and silent.total_seconds() >= HEAD_GONE_S:
+        node = nodes.get(head)
+        if node is None or not node.online:
+            return Verdict(server, Action.DELETE, f"job {job}: its head {head} is offline "
+                           f"and silent for {_ago(silent)}")
     return None
 
 

@@ -54,6 +54,16 @@ class Server:
         return metadata.expires_at(self.metadata, self.created_at)
 
 
+@dataclass(frozen=True)
+class ServerGroup:
+    """A Nova server group: its name, policy and the ids of its member servers."""
+
+    id: str
+    name: str
+    policy: str
+    members: tuple[str, ...] = ()
+
+
 @contextmanager
 def translated(action: str) -> Iterator[None]:
     """Turn openstacksdk and keystoneauth exceptions raised in the block into CloudError."""
@@ -200,17 +210,42 @@ class Cloud:
                          lambda: self._conn.compute.get_server_console_output(server_id))
         return str(raw.get("output") or "") if isinstance(raw, dict) else str(raw or "")
 
+    def server_groups(self) -> list[ServerGroup]:
+        """Return the project's server groups."""
+        raw = self._call("listing server groups",
+                         lambda: list(self._conn.compute.server_groups()))
+        return [ServerGroup(id=str(g.id), name=str(g.name),
+                            policy=str(g.policy or (g.policies or [""])[0]),
+                            members=tuple(str(m) for m in g.member_ids or ()))
+                for g in raw]
+
+    def find_server_group(self, name: str) -> ServerGroup | None:
+        """Return the server group named ``name``, or None (names are not unique in
+        Nova: the first listed wins)."""
+        return next((g for g in self.server_groups() if g.name == name), None)
+
     def server_group(self, name: str, policy: str) -> str:
         """Return the id of the server group ``name``, creating it with ``policy`` if missing."""
-        groups = self._call("listing server groups",
-                            lambda: list(self._conn.compute.server_groups()))
-        for group in groups:
-            if group.name == name:
-                return str(group.id)
+        group = self.find_server_group(name)
+        if group is not None:
+            return group.id
         created = self._call(f"creating server group {name}",
                              lambda: self._conn.compute.create_server_group(
                                  name=name, policies=[policy]))
+        log.info("server group %s: created (%s, id %s)", name, policy, created.id)
         return str(created.id)
+
+    def delete_server_group(self, group_id: str) -> bool:
+        """Delete a server group; return False when it was already gone."""
+        try:
+            self._call(f"deleting server group {group_id}",
+                       lambda: self._conn.compute.delete_server_group(
+                           group_id, ignore_missing=False))
+        except CloudApiError as exc:
+            if "HTTP 404" in str(exc):
+                return False
+            raise
+        return True
 
 
 def _server(raw: Any) -> Server:
@@ -234,4 +269,4 @@ def _address(raw: Any) -> str | None:
     return None
 
 
-__all__ = ["Cloud", "CloudError", "Server", "translated"]
+__all__ = ["Cloud", "CloudError", "Server", "ServerGroup", "translated"]

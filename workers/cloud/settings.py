@@ -34,7 +34,16 @@ VARIABLES = {
     "DISPATCH_CLOUD_TASK_QUEUE": "queue the Celery tasks go through (default dispatch.cloud.tasks)",
     "DISPATCH_CLOUD_REAP_EVERY": "beat interval of reap (default 60s)",
     "DISPATCH_CLOUD_AUTOSCALE_EVERY": "beat interval of autoscale (default 0: off)",
-    "DISPATCH_CLOUD_POOLS": "pools autoscale serves, comma-separated",
+    "DISPATCH_CLOUD_POOLS": "pools autoscale and multi-node job provisioning serve, "
+    "comma-separated",
+    "DISPATCH_CLOUD_GANGS": "boot servers for multi-node jobs of those pools short of nodes "
+    "(1 or 0; default 1)",
+    "DISPATCH_CLOUD_GANG_POLICY": "policy of a multi-node job's server group "
+    "(default soft-anti-affinity)",
+    "DISPATCH_CLOUD_GANG_SILENCE": "delete a gathering job's servers after this long without "
+    "word from its head (default 10m)",
+    "DISPATCH_CLOUD_GANG_QUEUE": "queue the cloud plane reads multi-node job events from "
+    "(default dispatch.cloud.gangs)",
     "DISPATCH_CLOUD_MAX_NODES": "quota: servers at once (default 10)",
     "DISPATCH_CLOUD_MAX_CORES": "quota: vCPUs at once (default 64)",
     "DISPATCH_CLOUD_MAX_RAM": "quota: RAM at once (default 256G)",
@@ -79,6 +88,10 @@ class CloudSettings:
     autoscale_every_s: int = 0
     lease_check_every_s: int = 5
     pools: tuple[str, ...] = ()
+    gangs: bool = True
+    gang_policy: str = "soft-anti-affinity"
+    gang_silence_s: int = 600
+    gang_queue: str = "dispatch.cloud.gangs"
     max_nodes: int = 10
     max_cores: int = 64
     max_ram_mb: int = 256 * 1024
@@ -121,6 +134,10 @@ class CloudSettings:
             lease_check_every_s=get.duration("DISPATCH_LEASE_CHECK_EVERY", 5),
             pools=tuple(p.strip() for p in (get.text("DISPATCH_CLOUD_POOLS") or "").split(",")
                         if p.strip()),
+            gangs=get.integer("DISPATCH_CLOUD_GANGS", 1) > 0,
+            gang_policy=get.text("DISPATCH_CLOUD_GANG_POLICY") or "soft-anti-affinity",
+            gang_silence_s=get.duration("DISPATCH_CLOUD_GANG_SILENCE", 600),
+            gang_queue=get.text("DISPATCH_CLOUD_GANG_QUEUE") or "dispatch.cloud.gangs",
             max_nodes=get.integer("DISPATCH_CLOUD_MAX_NODES", 10),
             max_cores=get.integer("DISPATCH_CLOUD_MAX_CORES", 64),
             max_ram_mb=get.size("DISPATCH_CLOUD_MAX_RAM", 256 * 1024),
