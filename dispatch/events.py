@@ -12,9 +12,10 @@ Pure: no I/O and no kombu. The wire contract (``schemas/event.schema.json`` and
   also ``job_id``, ``attempt`` and ``pool``.
 - Control messages go to the durable topic exchange ``dispatch.control``: job
   operations with key ``job.<op>`` (every node listens), node operations with key
-  ``node.<name>.<op>``. Nodes obey only senders whose broker-validated ``user_id``
-  they trust. Users' requests (``rm``, ``hold``, ``release``) go to the ledger's
-  control queue, which checks ownership and answers on ``reply_to``.
+  ``node.<name>.<op>``, operations for every node (shutdown) with ``nodes.<op>``.
+  Nodes obey only senders whose broker-validated ``user_id`` they trust. Users'
+  requests (``rm``, ``hold``, ``release``) go to the ledger's control queue, which
+  checks ownership and answers on ``reply_to``.
 """
 
 from __future__ import annotations
@@ -68,11 +69,18 @@ class ControlOp(enum.StrEnum):
     SYNC = "sync"
     #: The head of a multi-node job lets a member node go (dispatch/gang.py).
     GANG_RELEASE = "gang-release"
+    #: Every node (of some pools) stops taking jobs, finishes or hands back its own, exits.
+    SHUTDOWN = "shutdown"
 
     @property
     def is_node_op(self) -> bool:
         """Tell whether this operation is addressed to one node rather than to jobs."""
         return self in (ControlOp.DRAIN, ControlOp.GANG_RELEASE)
+
+    @property
+    def is_broadcast(self) -> bool:
+        """Tell whether this operation goes to every node (key ``nodes.<op>``)."""
+        return self is ControlOp.SHUTDOWN
 
 
 def now() -> str:
@@ -101,6 +109,8 @@ def control_key(op: ControlOp, node: str | None = None) -> str:
         if not node:
             raise ValueError(f"control operation {op} needs a node name")
         return f"node.{node}.{op.value}"
+    if op.is_broadcast:
+        return f"nodes.{op.value}"
     return f"job.{op.value}"
 
 

@@ -10,14 +10,14 @@ from dispatch import broker
 from dispatch.errors import InvalidJobError
 from dispatch.events import ControlOp, Event
 from dispatch.job import JobState
-from workers.jobflow import JobFlow
 from workers.orders import Order
+from workers.shutdown import NodeShutdown
 
 log = logging.getLogger(__name__)
 
 
-class NodeDuties(JobFlow):
-    """Control orders (remove, hold, drain), chirped attributes and the node's heartbeat."""
+class NodeDuties(NodeShutdown):
+    """Control orders (remove, hold, drain, shutdown), chirped attributes, heartbeats."""
 
     # -- control, chirp, heartbeats -------------------------------------------------------
 
@@ -38,6 +38,7 @@ class NodeDuties(JobFlow):
         try:
             order = orders.parse(message.properties, broker.raw_body(message))
         except InvalidJobError as exc:
+            self._answer_refusal(message, exc.reason)  # if it asked (dispatch shutdown)
             self._refuse_order(message, exc.reason)
             return
         orders.remember(order)
@@ -50,6 +51,8 @@ class NodeDuties(JobFlow):
             self.draining = True
             self.request_stop(f"drained by {order.by}")
             self._next_heartbeat = 0.0
+        elif order.op is ControlOp.SHUTDOWN:
+            self._shut_down(message, order)
         elif order.op in (ControlOp.REMOVE, ControlOp.HOLD):
             for job_id in order.job_ids:
                 self._stop_job(job_id, order)

@@ -1,9 +1,10 @@
-"""A node's control inbox: cancels, holds, releases and drains from trusted senders.
+"""A node's control inbox: cancels, holds, releases, drains and shutdowns from trusted senders.
 
 Each node has a durable queue bound to the control exchange for job operations
-(``job.*``, sent by the ledger after it has checked who asked) and for its own
-node operations (``node.<name>.*``). The queue outlives a disconnected node for a
-day, so a cancel sent while the node was away is still honoured. The node obeys
+(``job.*``, sent by the ledger after it has checked who asked), for its own
+node operations (``node.<name>.*``) and for operations on every node (``nodes.*``).
+The queue outlives a disconnected node for a day, so a cancel sent while the node
+was away is still honoured (a shutdown given before the node started is not). The node obeys
 only senders whose broker-validated ``user_id`` it trusts; anything else is logged
 and dead-lettered. Cancels and holds are remembered, so a queued job that arrives
 after its cancel is dropped, not run.
@@ -42,6 +43,11 @@ class Order:
     by: str
     #: The attempt of each job the order was given for; a later attempt is not bound by it.
     attempts: tuple[tuple[str, int], ...] = ()
+    #: A shutdown's pools (empty: every node), whether running jobs go back to the queue,
+    #: and when it was given (ISO-8601 UTC; a node started later ignores it).
+    pools: tuple[str, ...] = ()
+    requeue: bool = False
+    at: str = ""
 
     def applies_to(self, job_id: str, attempt: int) -> bool:
         """Tell whether this order binds ``attempt`` of ``job_id``."""
@@ -74,6 +80,7 @@ class Orders:
         })
         channel.queue_bind(queue, exchange, routing_key="job.*")
         channel.queue_bind(queue, exchange, routing_key=f"node.{self.node}.*")
+        channel.queue_bind(queue, exchange, routing_key="nodes.*")
         return queue
 
     def parse(self, properties: dict[str, Any], body: bytes) -> Order:
@@ -90,15 +97,20 @@ class Orders:
         job_ids = data.get("job_ids", [])
         if not isinstance(job_ids, list) or not all(isinstance(j, str) for j in job_ids):
             raise InvalidMessageError("must be a list of job id strings", field="job_ids")
-        if not op.is_node_op and op is not ControlOp.SYNC and not job_ids:
+        if not (op.is_node_op or op.is_broadcast or op is ControlOp.SYNC) and not job_ids:
             raise InvalidMessageError(f"{op} names no job", field="job_ids")
         attempts = data.get("attempts") or {}
         if not isinstance(attempts, dict) or not all(
                 isinstance(v, int) and not isinstance(v, bool) for v in attempts.values()):
             raise InvalidMessageError("must map job ids to attempt numbers", field="attempts")
+        pools = data.get("pools") or []
+        if not isinstance(pools, list) or not all(isinstance(p, str) for p in pools):
+            raise InvalidMessageError("must be a list of pool names", field="pools")
         return Order(op, tuple(job_ids), str(data.get("reason") or ""),
                      str(data.get("by") or sender),
-                     tuple((str(k), v) for k, v in attempts.items()))
+                     tuple((str(k), v) for k, v in attempts.items()),
+                     pools=tuple(pools), requeue=data.get("requeue") is True,
+                     at=str(data.get("at") or ""))
 
     def remember(self, order: Order) -> None:
         """Note the jobs an order removes, holds or releases."""

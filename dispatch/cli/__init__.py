@@ -40,6 +40,11 @@ VERBS = {
     "release": "dispatch.cli.control:release_command",
     "users": "dispatch.cli.users:users_command",
     "chirp": "dispatch.cli.chirp:chirp_command",
+    "shutdown": "dispatch.cli.shutdown:shutdown_command",
+    # openstack-queue's (and PBS's) names for the same verbs
+    "qsub": "dispatch.cli.submit:submit_command",
+    "qstat": "dispatch.cli.queries:q_command",
+    "qdel": "dispatch.cli.control:rm_command",
 }
 
 
