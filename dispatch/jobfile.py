@@ -121,6 +121,7 @@ def spec_from_fields(data: Mapping[str, Any], base_dir: Path = Path()) -> JobSpe
         notify=_notify(data.get("notify")),
         stages=stages,
         nodes=nodes,
+        fallback=bool(data.get("fallback", True)),
     )
 
 

@@ -43,6 +43,8 @@ def client_for(broker: str | None, client_id: str | None) -> Client:
 @click.option("-r", "--requirements", "reqs", metavar="REQS",
               help='Override requirements, e.g. "cpus: 2; memory: 4G; time_limit: 1h".')
 @click.option("--pool", envvar="DISPATCH_POOL", help="Pool to submit to (default: default).")
+@click.option("--no-fallback", "no_fallback", is_flag=True,
+              help="Wait for a node of this pool; never reroute to a fallback pool.")
 @click.option("--priority", metavar="low|med|high|0-9", help="Job priority.")
 @click.option("--input", "inputs", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="File or directory to ship with the job (repeatable).")
@@ -129,6 +131,8 @@ def _fields(jobfile: Path | None, command: tuple[str, ...], opts: dict[str, Any]
                                   **parse_requirement_string(opts["reqs"])}
     if opts["pool"]:
         fields["pool"] = opts["pool"]
+    if opts["no_fallback"]:
+        fields["fallback"] = False
     if opts["priority"] is not None:
         fields["priority"] = parse_priority(opts["priority"])
     if opts["inputs"]:
