@@ -62,6 +62,18 @@ MAX_MESSAGE_BYTES = 128 * 1024 * 1024
               envvar="DISPATCH_SSH_HOSTS", show_envvar=True,
               help="Run each job on one of the SSH hosts in this YAML file instead of here "
               "(no daemon on them; see docs/user-guide.md, Jobs on SSH hosts).")
+@click.option("--ssh-address", metavar="HOST:PORT", envvar="DISPATCH_SSH_ADDRESS",
+              show_envvar=True, help="Where other nodes of a multi-node job reach this "
+              "node's sshd; with --ssh-authorized-keys, lets this node join such jobs.")
+@click.option("--ssh-user", envvar="DISPATCH_SSH_USER", show_envvar=True,
+              help="Account they log in as (default: the account jobs run as).")
+@click.option("--ssh-authorized-keys", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="DISPATCH_SSH_AUTHORIZED_KEYS", show_envvar=True,
+              help="authorized_keys file sshd reads for that account; the node adds and "
+              "removes each multi-node job's key there.")
+@click.option("--ssh-host-key", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="DISPATCH_SSH_HOST_KEY", show_envvar=True,
+              help="The sshd's host public key (default /etc/ssh/ssh_host_ed25519_key.pub).")
 @click.option("--burst", is_flag=True, help="Exit once the queues are empty and jobs are done.")
 @click.option("--describe", is_flag=True,
               help="Print the machine attributes Requirements see (JSON) and exit.")
@@ -69,8 +81,9 @@ def worker(broker: str, pools: tuple[str, ...], slots: int | None, memory: str |
            exchange: str | None, routing_key: str | None, queue: str | None,
            workdir_root: Path, user: str, groups: tuple[str, ...], name: str | None,
            kill_grace: float, heartbeat_interval: float, admins: tuple[str, ...],
-           max_result_bytes: int, spool_dir: Path | None, ssh_hosts: Path | None, burst: bool,
-           describe: bool) -> None:
+           max_result_bytes: int, spool_dir: Path | None, ssh_hosts: Path | None,
+           ssh_address: str | None, ssh_user: str | None, ssh_authorized_keys: Path | None,
+           ssh_host_key: Path | None, burst: bool, describe: bool) -> None:
     """Run an execute node: take jobs from the pool queues and run them."""
     if not logging.getLogger().handlers or logging.getLogger().level > logging.INFO:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
@@ -99,7 +112,13 @@ def worker(broker: str, pools: tuple[str, ...], slots: int | None, memory: str |
         admins=tuple(a.strip() for value in admins for a in value.split(",") if a.strip()),
         max_result_bytes=max_result_bytes,
         spool_dir=spool_dir,
+        ssh_address=ssh_address,
+        ssh_user=ssh_user,
+        ssh_authorized_keys=ssh_authorized_keys,
+        ssh_host_key=ssh_host_key,
     )
+    if ssh_address is not None and not ssh_address.rpartition(":")[2].isdecimal():
+        raise click.BadParameter(f"{ssh_address!r} is not HOST:PORT", param_hint="--ssh-address")
     if ssh_hosts is not None:
         _serve_ssh_hosts(config, ssh_hosts, describe)
         return

@@ -53,6 +53,9 @@ class NodeDuties(NodeShutdown):
             self._next_heartbeat = 0.0
         elif order.op is ControlOp.SHUTDOWN:
             self._shut_down(message, order)
+        elif order.op is ControlOp.GANG_RELEASE:
+            for job_id in order.job_ids:
+                self._gang_release(job_id, order.reason or f"released by {order.by}")
         elif order.op in (ControlOp.REMOVE, ControlOp.HOLD):
             for job_id in order.job_ids:
                 self._stop_job(job_id, order)

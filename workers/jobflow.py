@@ -10,12 +10,13 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from dispatch import broker, events, headers, topology
+from dispatch import broker, events, gang, headers, topology
 from dispatch.errors import InvalidJobError, UnsatisfiableJobError
 from dispatch.events import ControlOp, Event
 from dispatch.job import JobState
 from workers import intake
-from workers.nodebase import RECENT_JOBS, Active, NodeBase
+from workers.gangmember import GangMembers
+from workers.nodebase import RECENT_JOBS, Active
 from workers.orders import Order
 from workers.replies import Settle
 from workers.spool import Packed
@@ -23,7 +24,7 @@ from workers.spool import Packed
 log = logging.getLogger(__name__)
 
 
-class JobFlow(NodeBase):
+class JobFlow(GangMembers):
     """Receives job messages and carries each job to its final, confirmed reply."""
 
     # -- jobs ---------------------------------------------------------------------------
@@ -33,6 +34,9 @@ class JobFlow(NodeBase):
         message.body = broker.raw_body(message)
         env: headers.Envelope | None = None
         try:
+            if gang.is_token(message.headers):  # workers/gangmember.py
+                self._gang_token(message)
+                return
             env = headers.envelope(message.properties, message.headers or {})
             self._take(message, env)
         except Exception as exc:  # a bug must cost one job, never the node
@@ -106,8 +110,11 @@ class JobFlow(NodeBase):
         request = active.request
         try:
             workdir = self.runner.prepare(request, active.message.body)
-            active.job = self.runner.start(request, workdir,
-                                           extra_env=self.chirp.enrol(request.job_id))
+            if request.spec.nodes is not None:  # a multi-node job: this node is its head
+                active.job = self._start_driver(request, workdir, active.pool)
+            else:
+                active.job = self.runner.start(request, workdir,
+                                               extra_env=self.chirp.enrol(request.job_id))
         except InvalidJobError as exc:
             self._reject(active.message, active.env, exc.reason)
             return

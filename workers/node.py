@@ -117,6 +117,7 @@ class ExecuteNode(NodeDuties):
         self._replies_now = Replies(channel, self.machine.name)
         self._announcer = Announcer(self._replies_now.confirms, self.machine.name)
         self._claim_mode = None
+        self._gang_reset()
         self._rebind_running()
         self._prefetch_sent = self._prefetch()
         # Quorum queues refuse a channel-wide prefetch: there each consumer has its own.
@@ -184,6 +185,7 @@ class ExecuteNode(NodeDuties):
             self._enforce_limits()
             self._poll_without_pidfd()
             self._follow_claim_mode()
+            self._gang_tick()
             if self.stopping and not cancelled:
                 consumer.cancel()
                 cancelled = True
@@ -202,7 +204,8 @@ class ExecuteNode(NodeDuties):
                 return
 
     def _finished(self, cancelled: bool) -> bool:
-        idle = not self.running and not self._replies.confirms.outstanding
+        idle = (not self.running and not self.gang_holds and not self._gang_deferred
+                and not self._replies.confirms.outstanding)
         if cancelled and idle:
             if not self._offline_sent:
                 self._offline_sent = True

@@ -63,6 +63,13 @@ class NodeConfig:
     #: Where large archives are built and undeliverable results kept (default
     #: ``<workdir_root>/.spool``).
     spool_dir: Path | None = None
+    #: Multi-node jobs (workers/gangmember.py): how other nodes reach this one's sshd
+    #: (HOST:PORT), as whom (default: the jobs' account), the authorized_keys file that
+    #: sshd reads for that user and this node edits, and the sshd's host public key.
+    ssh_address: str | None = None
+    ssh_user: str | None = None
+    ssh_authorized_keys: Path | None = None
+    ssh_host_key: Path | None = None
 
     @property
     def lease_s(self) -> float:

@@ -194,6 +194,9 @@ class RemoteRunner(Runner):
         """Check the job's inputs and keep them for ``start``; return a placeholder path."""
         if getattr(request.spec, "stages", None) is not None:
             raise InvalidMessageError("staged jobs do not run on SSH hosts", field="Stages")
+        if getattr(request.spec, "nodes", None) is not None:
+            raise InvalidMessageError("multi-node jobs do not run on SSH hosts (their nodes "
+                                      "must be execute nodes)", field="MinNodes")
         names = _input_names(body) if body else set()
         stdin = request.spec.stdin
         if stdin and stdin not in names:

@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import Mapping
@@ -60,8 +61,11 @@ class RunningJob:
     def __init__(self, request: JobRequest, workdir: Path, proc: Process,
                  kill_grace_s: float, cgroup: JobCgroup | None = None, *,
                  staged: StagedRun | None = None,
-                 chirp_env: Mapping[str, str] | None = None) -> None:
+                 chirp_env: Mapping[str, str] | None = None,
+                 gang_files: tuple[Path, ...] = ()) -> None:
         self.request = request
+        #: A multi-node job's driver files (workers/gang.py): its reason file first.
+        self.gang_files = gang_files
         #: A staged job's script (workers/stages.py); None for a plain job.
         self.staged = staged
         self._chirp_env = chirp_env or {}
@@ -164,6 +168,8 @@ class RunningJob:
             spec = self.request.spec
             failed = self.staged.finish((spec.stdout, spec.stderr))
             reasons[:0] = [failed] if failed is not None else []
+        if self.gang_files:
+            reasons += _gang_reason(self.gang_files)
         disk_mb = self.request.spec.resources.disk_mb
         if disk_mb:
             used = disk_used_bytes(self.workdir)
@@ -186,6 +192,22 @@ class RunningJob:
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
+
+
+def _gang_reason(files: tuple[Path, ...]) -> list[str]:
+    """Return the reason a gang driver left, and remove what it was given."""
+    reason_file, *others = files
+    try:
+        reason = reason_file.read_text(encoding="utf-8", errors="replace")[:1000]
+    except OSError:
+        reason = ""
+    for path in (reason_file, *others):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    return [reason] if reason else []
 
 
 def signal_tree(pid: int, sig: int) -> None:

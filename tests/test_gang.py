@@ -1,0 +1,187 @@
+"""Multi-node jobs: real workers, each with its own real sshd, gathered by one head.
+
+Each node is a separate ``dispatch worker`` process with ``--ssh-address`` pointing at an
+sshd of its own (tests/sshd.py) whose authorized_keys file the node edits. The jobs run
+their bootstrap on every node, an execute stage on the head that reads the hostfile and
+runs a command on every host over SSH with the job's key, and a cleanup whose copy-back
+directory comes back as one archive per node.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import tarfile
+import tempfile
+import time
+import uuid
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dispatch import gang
+from dispatch.client import Client
+from dispatch.job import JobSpec, JobState, Nodes, Resources
+from sshd import Sshd
+
+from conftest import Workers
+
+pytestmark = pytest.mark.timeout(180)
+
+EXECUTE = """\
+set -e
+while read -r host slots; do
+  dir=$(awk -v h="$host" '$1 == h {print $2}' "$DISPATCH_WORKDIRS")
+  ssh -n -F "$DISPATCH_SSH_CONFIG" "$host" "cat $dir/marker" >>seen.txt
+done <"$DISPATCH_HOSTFILE"
+cp "$DISPATCH_HOSTFILE" hostfile.txt
+"""
+BOOTSTRAP = 'echo "bootstrapped $DISPATCH_NODE" >marker'
+CLEANUP = 'cp marker "$DISPATCH_COPYBACK/" && echo "cleaned on $DISPATCH_NODE"'
+
+
+class GangNodes:
+    """Worker processes of one pool, each with its own sshd, made on demand."""
+
+    def __init__(self, workers: Workers, pool: str, base: Path) -> None:
+        self.workers, self.pool, self.base = workers, pool, base
+        self.sshds: dict[str, Sshd] = {}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, *, cpus: int = 1) -> str:
+        name = f"g{len(self.sshds)}-{uuid.uuid4().hex[:6]}"
+        sshd = Sshd(self.base / name).start()
+        self.sshds[name] = sshd
+        root = self.base / f"{name}-jobs"
+        root.mkdir()
+        root.chmod(0o755)
+        self.procs[name] = self.workers.start(
+            "--name", name, "--workdir-root", str(root),
+            "--ssh-address", f"127.0.0.1:{sshd.port}", "--ssh-user", "root",
+            "--ssh-authorized-keys", str(sshd.dir / "authorized_keys"),
+            "--ssh-host-key", str(sshd.dir / "host_ed25519.pub"),
+            pools=(self.pool,), slots=cpus)
+        return name
+
+    def gang_keys(self, name: str) -> list[str]:
+        keys = (self.sshds[name].dir / "authorized_keys").read_text()
+        return [line for line in keys.splitlines() if gang.KEY_COMMENT in line]
+
+    def stop(self) -> None:
+        for sshd in self.sshds.values():
+            sshd.stop()
+
+
+@pytest.fixture
+def nodes(workers: Workers, pool: str, workdir_root: Path) -> Iterator[GangNodes]:
+    base = Path(tempfile.mkdtemp(prefix="gang.", dir=workdir_root))
+    base.chmod(0o755)  # the job account traverses it to its working directories
+    made = GangNodes(workers, pool, base)
+    yield made
+    workers.stop_all()
+    made.stop()
+
+
+def _spec(pool: str, low: int, high: int, **kwargs: object) -> JobSpec:
+    fields: dict[str, object] = {
+        "command": "/bin/sh", "arguments": ("-c", EXECUTE), "pool": pool,
+        "nodes": Nodes(min=low, max=high, bootstrap=BOOTSTRAP, cleanup=CLEANUP, gather_s=2),
+        "time_limit_s": 120}
+    fields.update(kwargs)
+    return JobSpec(**fields)  # type: ignore[arg-type]
+
+
+def _members(archive: bytes) -> dict[str, bytes]:
+    with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+        return {name: zf.read(name) for name in zf.namelist() if not name.endswith("/")}
+
+
+def _copied_back(tarball: bytes) -> dict[str, str]:
+    with tarfile.open(fileobj=io.BytesIO(tarball), mode="r:gz") as tar:
+        return {m.name.lstrip("./"): tar.extractfile(m).read().decode()  # type: ignore[union-attr]
+                for m in tar.getmembers() if m.isfile()}
+
+
+def _wait(check: object, timeout_s: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_a_job_on_several_nodes_bootstraps_each_runs_over_ssh_and_brings_back_an_archive_each(
+        nodes: GangNodes, client: Client, pool: str, count: int) -> None:
+    names = [nodes.start() for _ in range(count)]
+    result = client.submit(_spec(pool, count, count)).wait(timeout_s=150)
+    files = _members(result.archive)
+    assert result.state is JobState.EXITED and result.exit_code == 0, (result.reason, files.get(
+        "job.err"))
+    head = result.host
+    assert head in names
+    # execute reached every node over SSH and read the marker bootstrap left there
+    seen = files["seen.txt"].decode().splitlines()
+    assert sorted(seen) == sorted(f"bootstrapped {n}" for n in names)
+    hostfile = files["hostfile.txt"].decode().splitlines()
+    assert hostfile[0] == f"{head} slots=1" and sorted(hostfile) == sorted(
+        f"{n} slots=1" for n in names)
+    for name in names:
+        # one copy-back archive per node, with what cleanup put there
+        assert _copied_back(files[f"copyback/{name}.tar.gz"]) == {
+            "marker": f"bootstrapped {name}\n"}
+        out = files[f"logs/{name}.out"].decode()
+        assert out.splitlines()[0].startswith(f"# node {name} 127.0.0.1:")
+        assert f"cleaned on {name}" in out and files[f"logs/{name}.err"].startswith(b"# node")
+    # every node let the job go: keys revoked, nothing left of its directories
+    _wait(lambda: not any(nodes.gang_keys(n) for n in names), what="keys revoked")
+    assert not [p for n in names for p in (nodes.base / f"{n}-jobs").iterdir()
+                if not p.name.startswith(".")]
+    # and each node is free again: a second job gathers them all
+    again = client.submit(_spec(pool, count, count)).wait(timeout_s=150)
+    assert again.exit_code == 0, again.reason
+
+
+def test_a_job_waits_for_min_nodes_then_runs_when_a_node_joins(
+        nodes: GangNodes, client: Client, pool: str, tmp_path: Path) -> None:
+    first = nodes.start()
+    handle = client.submit(_spec(pool, 2, 2))
+    running = next(u for u in handle.updates(timeout_s=60) if u.state is JobState.RUNNING)
+    assert running.host == first
+    time.sleep(3)  # longer than GatherTime: with one node of two it must still wait
+    assert not [u for u in handle.updates(timeout_s=0.5) if u.is_final]
+    second = nodes.start()
+    result = handle.wait(timeout_s=150)
+    assert result.exit_code == 0, result.reason
+    assert sorted(_members(result.archive)["seen.txt"].decode().splitlines()) == sorted(
+        f"bootstrapped {n}" for n in (first, second))
+
+
+def test_a_node_killed_mid_job_fails_the_job_naming_it_and_the_others_are_released(
+        nodes: GangNodes, client: Client, pool: str, tmp_path: Path) -> None:
+    booted = tmp_path / "booted"
+    booted.mkdir()
+    booted.chmod(0o777)
+    names = [nodes.start() for _ in range(3)]
+    spec = _spec(pool, 3, 3, arguments=("-c", "sleep 120"),
+                 nodes=Nodes(min=3, max=3, gather_s=1,
+                             bootstrap=f'touch {booted}/"$DISPATCH_NODE"'))
+    handle = client.submit(spec)
+    _wait(lambda: len(list(booted.iterdir())) == 3, 120, "bootstrap on three nodes")
+    head = next(u.host for u in handle.updates(timeout_s=5) if u.state is JobState.RUNNING)
+    victim = next(n for n in names if n != head)
+    nodes.procs[victim].send_signal(signal.SIGKILL)
+    result = handle.wait(timeout_s=60)
+    assert result.state is JobState.EXITED and result.exit_code != 0
+    assert result.reason and f"node {victim} was lost mid-job" in result.reason
+    survivor = next(n for n in names if n not in (head, victim))
+    _wait(lambda: not nodes.gang_keys(survivor) and not nodes.gang_keys(head), 30,
+          "the other nodes released")
+    # the survivors serve again: a two-node job runs on them
+    again = client.submit(_spec(pool, 2, 2)).wait(timeout_s=150)
+    assert again.exit_code == 0, again.reason
+    assert os.path.exists(booted)
