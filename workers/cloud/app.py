@@ -3,13 +3,18 @@
 Run it as ``celery -A workers.cloud.app worker -E`` and ``celery -A workers.cloud.app beat``
 (both read the ``DISPATCH_*`` variables of :mod:`workers.cloud.settings`). JSON only:
 no pickle is accepted, sent or stored. Task events are on so Flower sees every task.
+With ``DISPATCH_CLOUD_POOLS`` set (and ``DISPATCH_CLOUD_GANGS`` not 0), each worker also
+runs the gang watcher (:mod:`workers.cloud.watcher`) in a thread: it boots and deletes
+the servers of multi-node jobs, and hands their SSH bootstrap to the bootstrap task.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from typing import Any
 
-from celery import Celery
+from celery import Celery, bootsteps
 
 from workers.cloud.settings import CloudSettings
 
@@ -17,6 +22,8 @@ REAP_TASK = "dispatch.cloud.reap"
 PROVISION_TASK = "dispatch.cloud.provision"
 AUTOSCALE_TASK = "dispatch.cloud.autoscale"
 LEASES_TASK = "dispatch.ledger.expire_leases"
+BOOTSTRAP_TASK = "dispatch.cloud.bootstrap"
+log = logging.getLogger(__name__)
 
 
 def beat_schedule(settings: CloudSettings) -> dict[str, dict[str, Any]]:
@@ -62,7 +69,41 @@ def make_app(settings: CloudSettings | None = None) -> Celery:
         enable_utc=True,
         beat_schedule=beat_schedule(settings),
     )
+    app.steps["worker"].add(GangWatchStep)
     return app
+
+
+class GangWatchStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Runs the gang watcher in a thread of the worker while it runs (pools set only)."""
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, parent: Any) -> None:
+        """Start the watcher when the settings ask for it."""
+        from workers.cloud.watcher import GangWatcher  # noqa: PLC0415 - kombu, openstacksdk
+
+        settings = CloudSettings.from_env()
+        if not settings.gangs or not settings.pools:
+            return
+        celery = parent.app
+
+        def bootstrap(server: Any) -> None:
+            celery.send_task(BOOTSTRAP_TASK, args=[server.id])
+
+        watcher = GangWatcher(settings, bootstrap=bootstrap)
+        self._thread = threading.Thread(target=watcher.run, args=(self._stop,),
+                                        name="gang-watcher", daemon=True)
+        self._thread.start()
+        log.info("gang watcher started for pools %s", ", ".join(settings.pools))
+
+    def stop(self, parent: Any) -> None:
+        """Stop the watcher (it finishes the event in hand)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
 
 
 app = make_app()

@@ -1,4 +1,4 @@
-"""The Celery tasks: reap, provision, autoscale, expire leases. Each takes its lock, so
+"""The Celery tasks: reap, provision, autoscale, bootstrap, expire leases. Each takes its lock, so
 beats may overlap.
 
 The work itself lives in plain modules (:mod:`workers.cloud.reaper`,
@@ -16,10 +16,17 @@ from dispatch.ledger.leases import expire_leases
 from dispatch.ledger.publisher import AmqpPublisher
 from dispatch.ledger.store import Ledger, utcnow
 from workers.cloud import lock, reaper, scaler
-from workers.cloud.app import AUTOSCALE_TASK, LEASES_TASK, PROVISION_TASK, REAP_TASK, app
+from workers.cloud.app import (
+    AUTOSCALE_TASK,
+    BOOTSTRAP_TASK,
+    LEASES_TASK,
+    PROVISION_TASK,
+    REAP_TASK,
+    app,
+)
 from workers.cloud.errors import LockBusyError
 from workers.cloud.flavors import Need
-from workers.cloud.provisioner import Order, provision
+from workers.cloud.provisioner import Order, bootstrap_server, provision
 from workers.cloud.servers import Cloud
 from workers.cloud.settings import CloudSettings
 
@@ -66,6 +73,18 @@ def run_autoscale() -> list[dict[str, Any]]:
         return []
 
 
+def run_bootstrap(server_id: str) -> str:
+    """Bootstrap one server booted for a multi-node job (the gang watcher asks); return
+    its name, or '' when it is gone already."""
+    settings = CloudSettings.from_env()
+    with connect(settings) as cloud:
+        server = cloud.server(server_id)
+        if server is None:
+            log.info("bootstrap: server %s is gone; nothing to do", server_id)
+            return ""
+        return bootstrap_server(cloud, settings, server).name
+
+
 def _provision_task(self: Any, *args: Any, **kwargs: Any) -> list[str]:
     try:
         return run_provision(*args, **kwargs)
@@ -106,3 +125,4 @@ reap = app.task(name=REAP_TASK)(run_reap)
 expire_leases_task = app.task(name=LEASES_TASK)(run_expire_leases)
 provision_task = app.task(name=PROVISION_TASK, bind=True)(_provision_task)
 autoscale = app.task(name=AUTOSCALE_TASK)(run_autoscale)
+bootstrap_task = app.task(name=BOOTSTRAP_TASK)(run_bootstrap)
