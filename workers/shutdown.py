@@ -47,6 +47,8 @@ class NodeShutdown(JobFlow):
                      self.machine.name, order.at or "an unknown time")
             return
         why = f"shut down by {order.by}" + (f": {order.reason}" if order.reason else "")
+        log.info("node %s: %s; %s %d running job(s)", self.machine.name, why,
+                 "requeueing" if order.requeue else "finishing", len(self.running))
         self.draining = True
         self.request_stop(why)
         self._next_heartbeat = 0.0
