@@ -16,6 +16,7 @@ from fixtures_ledger import LedgerProcess
 
 from dispatch import headers, jobfile, oqueue
 from dispatch.cli.users import permissions
+from dispatch.client import Client
 from dispatch.job import JobSpec, JobState
 from dispatch.ledger import LedgerState
 
@@ -314,3 +315,27 @@ def test_a_node_started_after_a_shutdown_was_given_ignores_it(workers, client, p
     assert again.poll() is None
     assert "ignoring a shutdown given at" in workers.log()
 
+
+
+def test_with_a_ledger_a_requeued_job_goes_out_again_as_its_next_attempt(
+        ledger_on_vhost, vhost_url, workdir_root, tmp_path, pool, run):
+    workers = Workers(vhost_url, workdir_root, tmp_path)
+    leaving = f"{pool}-leaving"
+    try:
+        first = workers.start(pools=(leaving, pool), slots=1)
+        with Client(vhost_url) as client:
+            handle = client.submit(JobSpec("/bin/sh", ("-c", "sleep 3; echo $DISPATCH_ATTEMPT"),
+                                           pool=pool))
+            first_host = _running_on(handle)
+            ledger_on_vhost.wait_for(lambda led: (r := led.job(handle.job_id)) is not None
+                                     and r.state is LedgerState.RUNNING)  # claimed and acked
+            workers.start(pools=(pool,), slots=1)
+            done = run("shutdown", "--pool", leaving, "--requeue", "--expect", "1",
+                       url=vhost_url)
+            assert done.returncode == 0, done.stderr
+            result = handle.wait(timeout_s=90)
+        assert result.state is JobState.EXITED and result.exit_code == 0
+        assert result.host != first_host and result.update.attempt == 2
+        assert first.wait(timeout=60) == 0
+    finally:
+        workers.stop_all()
