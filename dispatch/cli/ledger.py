@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 import click
@@ -14,6 +15,7 @@ from dispatch.config import DEFAULT_BROKER_URL
 from dispatch.ledger.notify import Notifier
 from dispatch.ledger.service import LedgerService, ServiceSettings
 from dispatch.ledger.store import Ledger
+from dispatch.pools import PoolPolicy, PoolsFileError, load_pools
 from dispatch.quantity import parse_duration_s
 from dispatch.topology import check_pool_name
 
@@ -33,6 +35,16 @@ def _pool(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...])
     try:
         return tuple(check_pool_name(v) for v in values)
     except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _pools_file(_ctx: click.Context, _param: click.Parameter,
+                value: str | None) -> dict[str, PoolPolicy]:
+    if not value:
+        return {}
+    try:
+        return load_pools(Path(value))
+    except PoolsFileError as exc:
         raise click.BadParameter(str(exc)) from None
 
 
@@ -59,12 +71,19 @@ def _keep(_ctx: click.Context, _param: click.Parameter, value: str) -> float | N
                    "beat task dispatch.ledger.expire_leases).")
 @click.option("--batch-max", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Most messages applied in one transaction.")
+@click.option("--pools", "policies", envvar="DISPATCH_POOLS", show_envvar=True,
+              metavar="PATH", callback=_pools_file,
+              help="Pools file: each pool's fallback pools by job kind (mpi, serial, smp) "
+                   "and fallback_after; jobs of a pool with no live node are rerouted.")
+@click.option("--fallback-check-s", type=click.FloatRange(min=0.1), default=1.0,
+              show_default=True, help="How often pools with no live node are looked at.")
 @click.option("--keep", "keep_s", default="90d", show_default=True, callback=_keep,
               metavar="DURATION",
               help="How long finished jobs stay in the ledger (and in 'dispatch history'), "
                    "e.g. 30d, 12h; 'forever' keeps them all. Purged at start, then hourly.")
 def ledger_command(broker: str | None, db: str | None, pools: tuple[str, ...],
-                   lease_check_s: float, batch_max: int, keep_s: float | None) -> None:
+                   lease_check_s: float, batch_max: int, policies: dict[str, PoolPolicy],
+                   fallback_check_s: float, keep_s: float | None) -> None:
     """Record every job and node from the event stream; re-dispatch expired leases."""
     if not logging.getLogger().handlers or logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
@@ -72,7 +91,8 @@ def ledger_command(broker: str | None, db: str | None, pools: tuple[str, ...],
                        if a.strip())
     settings = ServiceSettings(broker_url=broker or DEFAULT_BROKER_URL, pools=pools,
                                lease_check_s=lease_check_s, batch_max=batch_max, admins=admins,
-                               keep_s=keep_s)
+                               keep_s=keep_s, policies=policies,
+                               fallback_check_s=fallback_check_s)
     ledger = Ledger.open(db)
     notifier = Notifier(os.environ.get("DISPATCH_SMTP_URL") or None,
                         os.environ.get("DISPATCH_SMTP_FROM") or None)

@@ -15,6 +15,7 @@ from dispatch import headers as h
 from dispatch.config import DEFAULT_BROKER_URL
 from dispatch.errors import BrokerError, InvalidJobError
 from dispatch.ledger.explain import explain
+from dispatch.ledger.fallback import explain_notes
 from dispatch.ledger.records import HistoryEntry, JobRecord, LedgerState, NodeRecord
 from dispatch.ledger.store import Ledger, utcnow
 from dispatch.progress import table
@@ -211,7 +212,9 @@ def explain_command(job_id: str, as_json: bool, db: str | None) -> None:
         job = ledger.job(job_id)
         if job is None:
             raise InvalidJobError(f"no job {job_id} in the ledger", field="JOBID")
-        found = explain(job, ledger.nodes(), ledger.queued_ahead(job), utcnow())
+        now, nodes = utcnow(), ledger.nodes()
+        found = explain(job, nodes, ledger.queued_ahead(job), now)
+        found.reasons.extend(explain_notes(ledger, job, nodes, now))  # fallback pools
     finally:
         ledger.close()
     if as_json:

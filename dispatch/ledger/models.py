@@ -160,3 +160,17 @@ class ControlRow(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     by: Mapped[str]
     at: Mapped[datetime.datetime]
+
+
+class PoolRow(Base):
+    """A pool's fallback policy, as the running ledger's pools file declares it.
+
+    Kept so that ``dispatch explain`` (any process that reads the database) can say
+    where a waiting job will fall back to; the ledger rewrites the table at start.
+    """
+
+    __tablename__ = "pool_policies"
+
+    pool: Mapped[str] = mapped_column(String(128), primary_key=True)
+    fallback_after_s: Mapped[float]
+    fallbacks: Mapped[dict[str, Any]]

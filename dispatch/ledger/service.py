@@ -10,7 +10,9 @@ One connection, one channel. It consumes three queues:
 It works in batches: take what is ready (up to ``batch_max``), apply it in one
 transaction, publish what follows from it (broadcasts, answers) with confirms, then
 ack everything with one ``multiple`` ack. An unreadable message is logged and
-dead-lettered. Between batches, once the queues are drained, expired leases are handled.
+dead-lettered. Between batches, once the queues are drained, expired leases are handled, and with a
+pools file the waiting jobs of pools with no live node are rerouted to their fallbacks
+(:mod:`dispatch.ledger.reroute`).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import datetime
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import kombu
@@ -28,10 +30,13 @@ import kombu
 from dispatch import broker, events, headers, topology
 from dispatch.errors import DispatchError, InvalidMessageError, LedgerError
 from dispatch.ledger import control
+from dispatch.ledger.fallback import save_policies
 from dispatch.ledger.leases import expire_leases
 from dispatch.ledger.notify import Notifier
 from dispatch.ledger.publisher import AmqpPublisher
+from dispatch.ledger.reroute import Rerouter
 from dispatch.ledger.store import BatchResult, Ledger, check_event, is_bad_data, utcnow
+from dispatch.pools import PoolPolicy
 from dispatch.quantity import format_duration
 
 log = logging.getLogger(__name__)
@@ -53,6 +58,10 @@ class ServiceSettings:
     keep_s: float | None = None
     #: classic or quorum; None: ``DISPATCH_QUEUE_TYPE`` (the same for nodes and clients).
     queue_type: str | None = None
+    #: Fallback pools by pool (``--pools``); none: jobs wait for their own pool.
+    policies: Mapping[str, PoolPolicy] = field(default_factory=dict)
+    #: How often pools with no live node are looked at for jobs to reroute.
+    fallback_check_s: float = 1.0
 
 
 PURGE_EVERY_S = 3600.0
@@ -79,9 +88,12 @@ class LedgerService:
         self._pools: set[str] = set()
         self._last_check = 0.0
         self._last_purge: float | None = None
+        self._last_fallback = 0.0
+        self._rerouter: Rerouter | None = None
 
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set, reconnecting after broker or database failures."""
+        save_policies(self.ledger, self.settings.policies)
         while not stop.is_set():
             try:
                 with broker.connect(self.settings.broker_url) as conn:
@@ -98,7 +110,12 @@ class LedgerService:
             self.publisher = AmqpPublisher(channel, self.user, self.queue_type)
             self._pools = set()
             self._track_pools(channel, {*self.settings.pools,
-                                        *(p for n in self.ledger.nodes() for p in n.pools)})
+                                        *(p for n in self.ledger.nodes() for p in n.pools),
+                                        *(p for pol in self.settings.policies.values()
+                                          for p in pol.all_pools())})
+            # Liveness is trusted only from now: heartbeats were not heard while away.
+            self._rerouter = Rerouter(conn.channel(), self.settings.policies, self.user,
+                                      self.queue_type) if self.settings.policies else None
             for kind, queue in ((EVENT, topology.ledger_queue()),
                                 (SUBMITTED, topology.ledger_submitted_queue()),
                                 (CONTROL, topology.ledger_control_queue())):
@@ -122,7 +139,18 @@ class LedgerService:
                     log.info("ledger: %d expired lease(s) handled", len(handled))
             if drained:
                 self._purge()
+                self._reroute()
             conn.heartbeat_check()
+
+    def _reroute(self) -> None:
+        """Move due jobs of pools with no live node to their fallbacks, every so often."""
+        if (self._rerouter is None
+                or time.monotonic() - self._last_fallback < self.settings.fallback_check_s):
+            return
+        self._last_fallback = time.monotonic()
+        moved = self._rerouter.check(self.ledger, utcnow())
+        if moved:
+            log.info("ledger: %d job(s) rerouted to a fallback pool", moved)
 
     def _purge(self) -> None:
         """Forget jobs finished longer ago than ``keep_s``: at start, then hourly."""
