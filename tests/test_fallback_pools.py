@@ -15,13 +15,14 @@ from pathlib import Path
 
 import amqp
 import pytest
+from ledger_events import T0, heartbeat, request
 
 from dispatch import headers, topology
 from dispatch.client import Client
 from dispatch.job import JobSpec, JobState, Nodes, Resources
 from dispatch.jobfile import spec_from_fields
 from dispatch.ledger import Ledger, LedgerState
-from dispatch.ledger.fallback import REROUTED, liveness
+from dispatch.ledger.fallback import REROUTED, explain_notes, liveness, save_policies
 from dispatch.ledger.records import NodeRecord
 from dispatch.pools import PoolPolicy, PoolsFileError, job_kind, parse_pools
 
@@ -261,3 +262,25 @@ def test_a_pool_falls_back_after_fallback_after_from_its_last_live_moment():
     assert state.due_at(policy, now - datetime.timedelta(seconds=200)) == (
         now - datetime.timedelta(seconds=55))
     assert state.due_at(policy, now, watching_since=now) == now + datetime.timedelta(seconds=30)
+
+
+def test_explain_says_where_and_when_a_waiting_job_will_fall_back(tmp_path):
+    t0 = datetime.datetime(2030, 1, 1, 12, 0, tzinfo=datetime.UTC)
+    led = Ledger.open(f"sqlite:///{tmp_path / 'l.db'}")
+    try:
+        save_policies(led, parse_pools({"pools": {"a": {"fallbacks": {"serial": ["c", "b"]}}}}))
+        subs = [{**request(job_id, **hdrs), "pool": "a", "at": t0}
+                for job_id, hdrs in (("s1", {}), ("k1", {"NoFallback": True}),
+                                     ("m1", {"MinNodes": 2}))]
+        led.apply_batch([heartbeat("nb", t=(t0 - T0).total_seconds() + 9, pools=("b",))],
+                        subs)
+        now = t0 + datetime.timedelta(seconds=10)
+        notes = {j: explain_notes(led, led.job(j), led.nodes(now), now) for j in
+                 ("s1", "k1", "m1")}
+    finally:
+        led.close()
+    assert notes == {
+        "s1": ["falls back to pool b (serial job) in 20s: no live node in pool a "
+               "(fallback_after 30s)"],
+        "k1": ["NoFallback: it waits for a node of pool a"],
+        "m1": ["pool a declares no fallback for mpi jobs"]}
