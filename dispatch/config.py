@@ -24,6 +24,7 @@ VARIABLES = {
     "DISPATCH_LEDGER_URL": "ledger database URL (default sqlite:///<DISPATCH_DATA_DIR>/ledger.db)",
     "DISPATCH_DATA_DIR": "where the default SQLite ledger lives (default ~/.local/share/dispatch)",
     "DISPATCH_ADMINS": "comma-separated broker users who may rm/hold/release any job",
+    "DISPATCH_POOLS": "the ledger's pools file: each pool's fallback pools by job kind",
     "DISPATCH_SMTP_URL": "SMTP server for job notices, smtp://[user:pass@]host:port",
     "DISPATCH_MAX_RESULT_BYTES": "largest result a worker sends as one reply; more goes in "
     "checked chunks (default 16 MiB)",

@@ -38,14 +38,14 @@ def _pool(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...])
         raise click.BadParameter(str(exc)) from None
 
 
-def _pools_file(_ctx: click.Context, _param: click.Parameter,
-                value: str | None) -> dict[str, PoolPolicy]:
-    if not value:
+def _policies(path: str | None) -> dict[str, PoolPolicy]:
+    """Read the pools file (at start, not while parsing: a mistake is one line)."""
+    if not path:
         return {}
     try:
-        return load_pools(Path(value))
+        return load_pools(Path(path))
     except PoolsFileError as exc:
-        raise click.BadParameter(str(exc)) from None
+        raise click.BadParameter(str(exc), param_hint="'--pools'") from None
 
 
 def _keep(_ctx: click.Context, _param: click.Parameter, value: str) -> float | None:
@@ -71,8 +71,8 @@ def _keep(_ctx: click.Context, _param: click.Parameter, value: str) -> float | N
                    "beat task dispatch.ledger.expire_leases).")
 @click.option("--batch-max", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Most messages applied in one transaction.")
-@click.option("--pools", "policies", envvar="DISPATCH_POOLS", show_envvar=True,
-              metavar="PATH", callback=_pools_file,
+@click.option("--pools", "pools_file", envvar="DISPATCH_POOLS", show_envvar=True,
+              metavar="PATH",
               help="Pools file: each pool's fallback pools by job kind (mpi, serial, smp) "
                    "and fallback_after; jobs of a pool with no live node are rerouted.")
 @click.option("--fallback-check-s", type=click.FloatRange(min=0.1), default=1.0,
@@ -82,11 +82,12 @@ def _keep(_ctx: click.Context, _param: click.Parameter, value: str) -> float | N
               help="How long finished jobs stay in the ledger (and in 'dispatch history'), "
                    "e.g. 30d, 12h; 'forever' keeps them all. Purged at start, then hourly.")
 def ledger_command(broker: str | None, db: str | None, pools: tuple[str, ...],
-                   lease_check_s: float, batch_max: int, policies: dict[str, PoolPolicy],
+                   lease_check_s: float, batch_max: int, pools_file: str | None,
                    fallback_check_s: float, keep_s: float | None) -> None:
     """Record every job and node from the event stream; re-dispatch expired leases."""
     if not logging.getLogger().handlers or logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
+    policies = _policies(pools_file)
     admins = frozenset(a.strip() for a in os.environ.get("DISPATCH_ADMINS", "").split(",")
                        if a.strip())
     settings = ServiceSettings(broker_url=broker or DEFAULT_BROKER_URL, pools=pools,
