@@ -294,7 +294,7 @@ def test_a_shutdown_from_a_user_the_broker_keeps_from_control_is_refused_in_one_
     rabbitmq_proc.rabbitctl_output("add_user", name, password)
     rabbitmq_proc.rabbitctl_output("set_permissions", "-p", "/", name, *permissions(name))
     try:
-        done = run("shutdown", "--all", url=broker_url.replace("guest:guest",
+        done = run("shutdown", "--all", "--requeue", url=broker_url.replace("guest:guest",
                                                                f"{name}:{password}"))
     finally:
         rabbitmq_proc.rabbitctl_output("delete_user", name)
