@@ -10,8 +10,10 @@ directory comes back as one archive per node.
 from __future__ import annotations
 
 import io
+import os
 import signal
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -20,15 +22,19 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import kombu
 import pytest
+from fixtures_ledger import LedgerProcess
+from sshd import Sshd
+from test_control import send_order
 
 from dispatch import gang
 from dispatch.client import Client
 from dispatch.errors import JobTimeoutError
-from dispatch.job import JobSpec, JobState, Nodes, Resources
-from sshd import Sshd
+from dispatch.events import ControlOp
+from dispatch.job import JobSpec, JobState, Nodes
 
-from conftest import Workers
+from conftest import ROOT, Workers
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -77,13 +83,28 @@ class GangNodes:
 
 
 @pytest.fixture
-def nodes(workers: Workers, pool: str, workdir_root: Path) -> Iterator[GangNodes]:
+def nodes(ledger_service: LedgerProcess, vhost_url: str, workdir_root: Path, tmp_path: Path,
+          pool: str) -> Iterator[GangNodes]:
+    """Gang nodes on this test's vhost, with a ledger: jobs are acked at their claim.
+
+    The tests' broker times unacked deliveries out after 3 s (tests/rabbitmq), and without
+    a ledger a node acks a job only at its end: a multi-node job takes longer than that.
+    """
+    ledger_service.start()
+    workers = Workers(vhost_url, workdir_root, tmp_path)
     base = Path(tempfile.mkdtemp(prefix="gang.", dir=workdir_root))
     base.chmod(0o755)  # the job account traverses it to its working directories
     made = GangNodes(workers, pool, base)
     yield made
     workers.stop_all()
     made.stop()
+
+
+@pytest.fixture
+def client(vhost_url: str) -> Iterator[Client]:
+    """A client on this test's vhost."""
+    with Client(vhost_url) as c:
+        yield c
 
 
 def _spec(pool: str, low: int, high: int, **kwargs: object) -> JobSpec:
@@ -185,3 +206,60 @@ def test_a_node_killed_mid_job_fails_the_job_naming_it_and_the_others_are_releas
     # the survivors serve again: a two-node job runs on them
     again = client.submit(_spec(pool, 2, 2)).wait(timeout_s=150)
     assert again.exit_code == 0, again.reason
+
+
+def test_explain_says_how_many_nodes_the_head_holds_and_what_it_waits_for(
+        nodes: GangNodes, client: Client, ledger_service: LedgerProcess, vhost_url: str,
+        pool: str) -> None:
+    first = nodes.start()
+    handle = client.submit(_spec(pool, 2, 3))
+
+    def explained() -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "dispatch", "explain", handle.job_id],
+            capture_output=True, text=True, timeout=60, cwd=ROOT, check=False,
+            env={**os.environ, "DISPATCH_LEDGER_URL": ledger_service.db_url,
+                 "DISPATCH_BROKER_URL": vhost_url})
+        return done.stdout
+
+    _wait(lambda: "holds 1 of the 2 nodes it needs" in explained(), 60, "explain")
+    out = explained()
+    assert f"running on {first}" in out and f"waits for 1 more from pool {pool}" in out
+    second = nodes.start()
+    result = handle.wait(timeout_s=150)
+    assert result.exit_code == 0, result.reason
+    assert result.host == first
+    assert second in _members(result.archive)["hostfile.txt"].decode()
+
+
+def test_removing_a_multi_node_job_stops_it_everywhere_and_releases_its_nodes(
+        nodes: GangNodes, client: Client, pool: str, vhost_url: str) -> None:
+    booted = nodes.base / "booted"
+    booted.mkdir()
+    booted.chmod(0o777)
+    names = [nodes.start() for _ in range(2)]
+    handle = client.submit(_spec(pool, 2, 2, arguments=("-c", "sleep 120"),
+                                 nodes=Nodes(min=2, max=2, gather_s=1,
+                                             bootstrap=f'touch {booted}/"$DISPATCH_NODE"')))
+    _wait(lambda: len(list(booted.iterdir())) == 2, 120, "bootstrap on two nodes")
+    with kombu.Connection(vhost_url) as conn:
+        send_order(conn, ControlOp.REMOVE, (handle.job_id,))
+    result = handle.wait(timeout_s=60)
+    assert result.state is JobState.REMOVED, (result.state, result.reason)
+    _wait(lambda: not any(nodes.gang_keys(n) for n in names), 30, "keys revoked")
+    assert not _processes_with("sleep 120")
+    again = client.submit(_spec(pool, 2, 2)).wait(timeout_s=150)
+    assert again.exit_code == 0, again.reason
+
+
+def _processes_with(text: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if text in cmdline:
+                found.append(cmdline)
+    return found

@@ -148,6 +148,8 @@ class Driver:
         self._next_probe = 0.0
         self._sent_held = 0
         self._sent_at = 0.0
+        self._tokens = 0
+        self._token_headers: dict[str, Any] = {}
 
     # -- the job ------------------------------------------------------------------------
 
@@ -202,14 +204,19 @@ class Driver:
         hdrs = {gang.GANG_OF: plan.job_id, gang.GANG_INBOX: self.inbox,
                 gang.GANG_KEY: self.public_key, gang.GANG_HEAD: plan.head,
                 **{k: v for k, v in carried.items() if v}}
-        exchange = topology.jobs_exchange_for(9, broker.queue_type_in_use())
-        seqs = [self.confirms.publish(
-                    broker.message(b"", dict(hdrs), message_id=gang.token_id(plan.job_id, k),
-                                   content_type="application/octet-stream", priority=9),
-                    exchange, plan.pool)
-                for k in range(2, plan.max_nodes + 1)]
+        self._token_headers = hdrs
+        seqs = [self._publish_token() for _ in range(2, plan.max_nodes + 1)]
         for seq in seqs:
             self.confirms.wait_for(seq)
+
+    def _publish_token(self) -> int:
+        """Publish one more node token to the pool; return its confirm's sequence number."""
+        self._tokens += 1
+        exchange = topology.jobs_exchange_for(9, broker.queue_type_in_use())
+        msg = broker.message(b"", dict(self._token_headers),
+                             message_id=gang.token_id(self.plan.job_id, self._tokens + 1),
+                             content_type="application/octet-stream", priority=9)
+        return self.confirms.publish(msg, exchange, self.plan.pool)
 
     def _gather(self) -> None:
         plan = self.plan
@@ -290,8 +297,9 @@ class Driver:
                         self.lost = member
                         raise GangFailed(f"node {member.node} was lost mid-job: its execute "
                                          "node left the broker")
-                    log.warning("job %s: node %s left before the job started", self.plan.job_id,
-                                member.node)
+                    log.warning("job %s: node %s left before the job started; asking the "
+                                "pool for another", self.plan.job_id, member.node)
+                    self._publish_token()
 
     def _alive(self, queue: str) -> bool:
         """Tell whether another connection still holds the exclusive ``queue``."""

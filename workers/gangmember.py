@@ -9,9 +9,10 @@ As a **member**, the node takes node tokens from its pool queues like jobs (the 
 contract is in :mod:`dispatch.gang`). A token it can meet now is joined: its resources
 held, the job's key authorized for the node's SSH user, a fresh directory made for the
 job's payload, an exclusive hold queue declared, a joined notice sent to the head's
-inbox; the token stays unacked. The node lets the job go when the head says so
-(``gang-release``), when the head's inbox is gone (checked every second) or when its own
-connection drops (the broker gives the token back, the head sees the hold queue go).
+inbox; the token is acked once the notice is routed there (the head then watches the hold
+queue, and asks its pool again for a member it loses before the job starts). The node
+lets the job go when the head says so (``gang-release``), when the head's inbox is gone
+(checked every second) or when its own connection drops (the head sees the hold queue go).
 A token it cannot meet now is handed back after a pause, so another node gets it.
 Nothing here runs for plain jobs.
 """
@@ -198,8 +199,15 @@ class GangMembers(NodeBase):
         job_id = token.job_id
 
         def settled(ok: bool) -> None:
+            # The head has the notice: from now on it watches this node's hold queue (and
+            # asks its pool again if the queue goes before the job starts), so the token
+            # is acked now, not held unacked for the whole job (consumer_timeout).
+            hold = self.gang_holds.get(job_id)
             if not ok:
                 self._gang_release(job_id, "the job's head is gone")
+            elif hold is not None and hold.tag is not None:
+                self._channel().basic_ack(hold.tag)
+                hold.tag = None
 
         self._replies.confirms.publish(
             broker.message(member.encode(), {}, content_type="application/x-msgpack",

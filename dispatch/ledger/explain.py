@@ -1,6 +1,7 @@
 """Why is my job not running? Answers from the ledger's jobs and nodes' heartbeats.
 
-Checks, in order: the job is over, held, or running; no live node serves its pool;
+Checks, in order: the job is over, held, or running (a multi-node job: how many nodes its
+head holds and what it waits for); no live node serves its pool;
 it asks for more cores, memory or disk than any node has; no node satisfies its
 ``Requirements`` (naming the failing terms on the closest nodes); it waits behind
 other idle jobs of its pool.
@@ -47,6 +48,9 @@ def explain(job: JobRecord, nodes: Sequence[NodeRecord], queued_ahead: int,
         return out
     if state.is_active:
         out.reasons.append(f"{state.value.lower()} on {job.host} (attempt {job.attempt})")
+        gang = (job.attributes or {}).get("GangStatus")
+        if gang:  # a multi-node job's head says what it holds and waits for (workers/gang.py)
+            out.reasons.append(f"multi-node job: {gang}")
         return out
     if job.control_op:
         out.reasons.append(f"a {job.control_op} is pending: {job.reason}")
