@@ -120,9 +120,10 @@ def _fields(jobfile: Path | None, command: tuple[str, ...], opts: dict[str, Any]
     fields: dict[str, Any] = load(jobfile) if jobfile else {}
     if opts["shell_cmd"] or command:
         fields.pop("execution", None)
+        fields.pop("execute", None)
         fields["command"] = ["/bin/sh", "-c", opts["shell_cmd"]] if opts["shell_cmd"] else list(
             command)
-    if "command" not in fields and "execution" not in fields:
+    if not {"command", "execution", "execute"} & fields.keys():
         raise InvalidJobFileError("no command: give a JOBFILE, -c CMD or -- CMD ARGS",
                                   field="command")
     _staging(fields, opts)
