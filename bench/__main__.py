@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench import celery_side, dispatch_side, minimal, report, testbed
+from bench import celery_side, dispatch_side, ledger_side, minimal, postgres, report, testbed
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -31,6 +31,11 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-celery", action="store_true", help="leave Celery out")
     parser.add_argument("--skip-floor", action="store_true",
                         help="leave out the minimal dispatchers (bench/minimal.py)")
+    parser.add_argument("--skip-ledger", action="store_true",
+                        help="leave out the phase with a ledger (claims and events on)")
+    parser.add_argument("--ledger-db", metavar="URL",
+                        help="ledger database for the ledger phase (default: a private "
+                             "PostgreSQL server started for the run)")
     parser.add_argument("--results", type=Path, default=report.RESULTS_DIR,
                         help="where the run's JSON goes (default: bench/results)")
     parser.add_argument("--keep-work", action="store_true",
@@ -59,6 +64,23 @@ def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def _ledger_phase(args: argparse.Namespace, url: str, work: Path,
+                  sizes: dict[str, int]) -> dict[str, Any] | None:
+    """Measure Dispatch with a ledger, on ``--ledger-db`` or a private PostgreSQL."""
+    if args.skip_ledger:
+        return None
+    if args.ledger_db:
+        return ledger_side.measure(url, work, args.ledger_db, None, **sizes)
+    if not postgres.installed():
+        print(f"bench: no PostgreSQL in {postgres.PG_BIN}; ledger phase left out",
+              file=sys.stderr)
+        return None
+    with postgres.server() as server:
+        figures = ledger_side.measure(url, work, postgres.create_database(server.url),
+                                      server.pid(), **sizes)
+        return {**figures, "database": "PostgreSQL 15, private server"}
+
+
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Measure everything against one broker; return the run as a JSON-ready dict."""
     now = dt.datetime.now(dt.UTC)
@@ -72,6 +94,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         load = {"start": _load()}
         dispatch = dispatch_side.measure(url, work, **sizes)
         load["after_dispatch"] = _load()
+        ledger = _ledger_phase(args, url, work, sizes)
+        load["after_ledger"] = _load()
         celery = None if args.skip_celery else celery_side.measure(url, work, **sizes)
         load["after_celery"] = _load()
         floor = None if args.skip_floor else minimal.measure(url, work, **sizes)
@@ -85,10 +109,12 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "source": source,
         "sizes": sizes,
         "dispatch": dispatch,
+        "ledger": ledger,
+        "ledger_ratio": None if ledger is None else report.ledger_ratios(dispatch, ledger),
         "celery": celery,
         "minimal": floor,
         "advantage": advantage,
-        "targets": report.targets(dispatch, advantage),
+        "targets": report.targets(dispatch, advantage, ledger),
     }
 
 
@@ -106,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     path = report.write(result, args.results)
     print(report.table(result))
+    with_ledger = report.ledger_table(result)
+    if with_ledger:
+        print("\nwith a ledger (claims and events on):\n" + with_ledger)
     floor = report.floor_table(result)
     if floor:
         print("\nthe same work by a minimal dispatcher (bench/minimal.py):\n" + floor)

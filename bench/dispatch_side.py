@@ -8,6 +8,7 @@ final reply.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import sys
@@ -86,11 +87,13 @@ def run_throughput(client: Client, pool: str, jobs: int) -> float:
     return time.perf_counter() - started
 
 
-def _phase(url: str, work: Path, name: str, slots: int, body: Any,
-           run_as: str | None = UNPRIVILEGED) -> Any:
-    """Run ``body(client, pool, worker)`` against a fresh pool served by a fresh worker.
+def phase(url: str, work: Path, name: str, slots: int, body: Any,
+           run_as: str | None = UNPRIVILEGED, ledger_db: str | None = None) -> Any:
+    """Run ``body(client, pool, worker, ledger)`` against a fresh pool served by a fresh worker.
 
-    The worker runs from the snapshot in ``work/src`` (see ``testbed.snapshot``).
+    The worker runs from the snapshot in ``work/src`` (see ``testbed.snapshot``). With
+    ``ledger_db`` a ``dispatch ledger`` on that database runs first (``ledger`` is its
+    process, else None), so the worker claims every job and sends every job's events.
     """
     pool = f"bench-{uuid.uuid4().hex[:8]}-{name}"
     root = work / f"jobs-{name}"
@@ -99,12 +102,15 @@ def _phase(url: str, work: Path, name: str, slots: int, body: Any,
     argv = worker_argv(url, pool, slots, root, run_as)
     queues = [topology.pool_queue(pool)]
     try:
-        with testbed.subprocess_running(argv, work / f"worker-{name}.log",
-                                        cwd=work / "src") as proc:
+        with contextlib.ExitStack() as stack:
+            ledger = None if ledger_db is None else stack.enter_context(
+                testbed.ledger_running(url, ledger_db, work, name, [pool]))
+            proc = stack.enter_context(testbed.subprocess_running(
+                argv, work / f"worker-{name}.log", cwd=work / "src"))
             testbed.wait_for_consumer(url, topology.pool_queue(pool), proc)
             with Client(url) as client:
                 queues.append(client.reply_queue)
-                return body(client, pool, proc)
+                return body(client, pool, proc, ledger)
     finally:
         testbed.delete_queues(url, queues)
 
@@ -118,21 +124,21 @@ def measure(url: str, work: Path, *, latency_jobs: int, warmup: int,
     figures: dict[str, Any] = {}
     print(f"dispatch: latency, {latency_jobs} jobs one at a time ({latency_slots} slots)",
           file=sys.stderr)
-    samples = _phase(url, work, "latency", latency_slots,
-                     lambda c, p, _: run_latency(c, p, latency_jobs, warmup))
+    samples = phase(url, work, "latency", latency_slots,
+                     lambda c, p, *_: run_latency(c, p, latency_jobs, warmup))
     figures["latency"] = {**stats.latency_figures(samples), "slots": latency_slots,
                           "worker_user": UNPRIVILEGED}
     print("dispatch: latency again, root worker switching each job to nobody",
           file=sys.stderr)
-    samples = _phase(url, work, "latency-root", latency_slots,
-                     lambda c, p, _: run_latency(c, p, latency_jobs, warmup), run_as=None)
+    samples = phase(url, work, "latency-root", latency_slots,
+                     lambda c, p, *_: run_latency(c, p, latency_jobs, warmup), run_as=None)
     figures["latency_root_switching_user"] = {**stats.latency_figures(samples),
                                               "slots": latency_slots, "worker_user": "root"}
     for slots in (1, 2):
         print(f"dispatch: throughput, {throughput_jobs} jobs in flight, {slots} slot(s)",
               file=sys.stderr)
 
-        def body(client: Client, pool: str, worker: Any) -> dict[str, Any]:
+        def body(client: Client, pool: str, worker: Any, _ledger: Any) -> dict[str, Any]:
             run_latency(client, pool, 0, warmup)  # warm the fresh worker, untimed
             meter = cpu.Meter(url, worker.pid)
             before = meter.read()
@@ -140,6 +146,6 @@ def measure(url: str, work: Path, *, latency_jobs: int, warmup: int,
             return {**stats.throughput_figures(throughput_jobs, elapsed),
                     "cpu_ms_per_job": cpu.per_job_ms(before, meter.read(), throughput_jobs)}
 
-        figures[f"throughput_{slots}slot"] = {**_phase(url, work, f"tp{slots}", slots, body),
+        figures[f"throughput_{slots}slot"] = {**phase(url, work, f"tp{slots}", slots, body),
                                               "slots": slots}
     return figures

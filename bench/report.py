@@ -9,7 +9,8 @@ from typing import Any
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 #: What Dispatch must reach on this machine (docs/benchmarks.md).
-TARGETS = {"p50_ms": 2.0, "p99_ms": 4.0, "jobs_per_s": 800.0, "advantage": 1.5}
+TARGETS = {"p50_ms": 2.0, "p99_ms": 4.0, "jobs_per_s": 800.0, "advantage": 1.5,
+           "ledger_p50_ratio": 1.25}
 
 
 def ratios(dispatch: dict[str, Any], celery: dict[str, Any]) -> dict[str, float]:
@@ -27,8 +28,20 @@ def ratios(dispatch: dict[str, Any], celery: dict[str, Any]) -> dict[str, float]
     }
 
 
-def targets(dispatch: dict[str, Any], advantage: dict[str, float] | None) -> dict[str, bool]:
-    """Return which targets this run met; the Celery ones only when Celery ran."""
+def ledger_ratios(dispatch: dict[str, Any], ledger: dict[str, Any]) -> dict[str, float]:
+    """Return the figures with a ledger over those without (latency: above 1 is slower)."""
+    d_lat, l_lat = dispatch["latency"], ledger["latency"]
+    return {
+        "latency_p50": round(l_lat["p50_ms"] / d_lat["p50_ms"], 2),
+        "latency_p99": round(l_lat["p99_ms"] / d_lat["p99_ms"], 2),
+        "throughput": round(ledger["throughput_2slot"]["jobs_per_s"]
+                            / dispatch["throughput_2slot"]["jobs_per_s"], 2),
+    }
+
+
+def targets(dispatch: dict[str, Any], advantage: dict[str, float] | None,
+            ledger: dict[str, Any] | None = None) -> dict[str, bool]:
+    """Return which targets this run met; the Celery and ledger ones only when they ran."""
     met = {
         "p50_ms<=2.0": dispatch["latency"]["p50_ms"] <= TARGETS["p50_ms"],
         "p99_ms<=4": dispatch["latency"]["p99_ms"] <= TARGETS["p99_ms"],
@@ -37,6 +50,9 @@ def targets(dispatch: dict[str, Any], advantage: dict[str, float] | None) -> dic
     if advantage is not None:
         met["latency>=1.5x_celery"] = advantage["latency_p50"] >= TARGETS["advantage"]
         met["throughput>=1.5x_celery"] = advantage["throughput"] >= TARGETS["advantage"]
+    if ledger is not None:
+        ratio = ledger_ratios(dispatch, ledger)["latency_p50"]
+        met["ledger_p50<=1.25x_no_ledger"] = ratio <= TARGETS["ledger_p50_ratio"]
     return met
 
 
@@ -80,6 +96,26 @@ def table(run: dict[str, Any]) -> str:
     if root:
         lines.append(_row("p50 (ms), root worker, jobs as nobody", root["p50_ms"], "-", ""))
         lines.append(_row("p99 (ms), root worker, jobs as nobody", root["p99_ms"], "-", ""))
+    return "\n".join(lines)
+
+
+def ledger_table(run: dict[str, Any]) -> str | None:
+    """Return Dispatch without and with a ledger side by side, or None without that phase."""
+    ledger, ratio = run.get("ledger"), run.get("ledger_ratio")
+    if not ledger or not ratio:
+        return None
+    d = run["dispatch"]
+    lines = [_row("measure", "no ledger", "ledger", "ledger/none"),
+             "|" + "-" * 36 + "|" + "-" * 10 + ":|" + "-" * 10 + ":|" + "-" * 14 + ":|"]
+    for key, label in (("p50_ms", "latency p50 (ms), 1 in flight"),
+                       ("p99_ms", "latency p99 (ms), 1 in flight")):
+        lines.append(_row(label, d["latency"][key], ledger["latency"][key],
+                          f"{ratio['latency_' + key[:3]]:.2f}x"))
+    lines.append(_row("throughput (jobs/s), 2 slots", d["throughput_2slot"]["jobs_per_s"],
+                      ledger["throughput_2slot"]["jobs_per_s"], f"{ratio['throughput']:.2f}x"))
+    for side in ("broker", "worker", "client", "ledger", "database"):
+        lines.append(_row(f"CPU ms/job, {side}", _cpu(d["throughput_2slot"], side),
+                          _cpu(ledger["throughput_2slot"], side), ""))
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import amqp.exceptions
 import kombu
 
+from dispatch import topology
 from dispatch.localbroker import PrivateBroker
 
 REPO = Path(__file__).resolve().parent.parent
@@ -110,6 +111,27 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+@contextlib.contextmanager
+def ledger_running(url: str, db_url: str, work: Path, name: str,
+                   pools: Sequence[str] = ()) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``dispatch ledger`` (from the snapshot) until the block ends; yield its process.
+
+    Nodes started inside the block find its queue and claim their jobs. Its queues are
+    deleted afterwards: a ledger queue left behind would make later phases' nodes claim.
+    """
+    argv = [sys.executable, "-m", "dispatch", "ledger", "--broker", url, "--db", db_url,
+            "--keep", "forever"]
+    for pool in pools:
+        argv += ["--pool", pool]
+    try:
+        with subprocess_running(argv, work / f"ledger-{name}.log", cwd=work / "src") as proc:
+            wait_for_consumer(url, topology.ledger_control_queue(), proc)
+            yield proc
+    finally:
+        delete_queues(url, [topology.ledger_queue(), topology.ledger_control_queue(),
+                            topology.ledger_submitted_queue()])
 
 
 def broker_version(url: str) -> str:
