@@ -433,3 +433,40 @@ def test_output_selection_keeps_globs_directories_and_never_follows_symlinks(tmp
     select_output(root, ["**/*.txt", "res"], keep=["job.out"])
     assert _files(root) == {"a.txt", "job.out", "deep/x/y.txt", "res/1", "res/2/3"}
     assert not (root / "link").exists() and (outside / "precious.txt").exists()
+
+
+def test_a_git_job_gets_its_submodules_at_the_commits_the_repository_pins(
+        worker, pool, dispatch_cli, tmp_path, shared_dir):
+    lib = shared_dir / "lib"
+    lib.mkdir()
+    _git("init", "-q", cwd=lib)
+    (lib / "version.txt").write_text("lib v1\n")
+    _git("add", ".", cwd=lib)
+    _git("commit", "-qm", "v1", cwd=lib)
+    pinned = _git("rev-parse", "HEAD", cwd=lib)
+    (lib / "version.txt").write_text("lib v2, not pinned\n")
+    _git("commit", "-qam", "v2", cwd=lib)
+    lib_bare = shared_dir / "lib.git"
+    _git("clone", "-q", "--bare", str(lib), str(lib_bare), cwd=shared_dir)
+    app = shared_dir / "app"
+    app.mkdir()
+    _git("init", "-q", cwd=app)
+    _git("-c", "protocol.file.allow=always", "submodule", "-q", "add", f"file://{lib_bare}",
+         "vendor/lib", cwd=app)
+    _git("checkout", "-q", pinned, cwd=app / "vendor" / "lib")
+    (app / "run.sh").write_text("cat vendor/lib/version.txt\n")
+    _git("add", ".", cwd=app)
+    _git("commit", "-qm", "app", cwd=app)
+    app_bare = shared_dir / "app.git"
+    _git("clone", "-q", "--bare", str(app), str(app_bare), cwd=shared_dir)
+    account = _job_account()
+    if account is not None:
+        for bare in (lib_bare, app_bare):
+            for dirpath, _, files in os.walk(bare):
+                for name in [dirpath, *(os.path.join(dirpath, f) for f in files)]:
+                    os.chown(name, *account)
+    record, run = _submit(dispatch_cli, "--pool", pool, "--source", f"file://{app_bare}",
+                          "--", "/bin/sh", "run.sh")
+    assert record["exit_code"] == 0, run.stderr
+    out = tmp_path / "res" / record["job_id"]
+    assert (out / "job.out").read_text() == "lib v1\n"

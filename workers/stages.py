@@ -52,6 +52,10 @@ fetch() {{
     printf 'dispatch: no shallow fetch of %s; fetching the whole repository\n' "$2" >&2
     git fetch -q --tags origin '+refs/heads/*:refs/remotes/origin/*' &&
       git checkout -q -f "$2"
+  fi || return
+  if [ -f .gitmodules ]; then
+    git -c protocol.file.allow=always submodule -q update --init --recursive --depth 1 ||
+      git -c protocol.file.allow=always submodule -q update --init --recursive
   fi
 }}
 """
