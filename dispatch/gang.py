@@ -16,9 +16,11 @@ with no scheduler in the path and the cloud plane sees them as queued work:
 A node that takes a token and meets it holds those resources, authorizes ``GangKey`` for
 its SSH user, declares an exclusive **hold queue** (``dispatch.gang.<job>.<node>``: it
 lives exactly as long as the member's connection) and sends a **joined notice** (msgpack)
-to ``GangInbox`` on the default exchange, mandatory. It keeps the token unacked until the
-head releases it (control op ``gang-release`` to ``node.<member>.gang-release``) or the
-inbox is gone (the head ended): then it revokes the key, frees the resources and acks.
+to ``GangInbox`` on the default exchange, mandatory; it acks the token once the notice is
+routed. It serves the job until the head releases it (control op ``gang-release`` to
+``node.<member>.gang-release``) or the inbox is gone (the head ended): then it revokes the
+key, frees the resources and removes the job's directory. A member lost before the job
+starts is replaced by a new token; one lost after fails the job.
 The inbox and the hold queues are exclusive, so each side sees the other vanish when its
 process or connection dies: a passive declare answers RESOURCE_LOCKED while the owner
 lives and NOT_FOUND once it is gone.
