@@ -177,7 +177,12 @@ class GangMembers(NodeBase):
         cfg = self.config
         assert cfg.ssh_address and cfg.ssh_authorized_keys  # noqa: S101 -- _cannot_join
         res = request.spec.resources
-        workdir = self.runner.prepare(request, b"")
+        try:
+            workdir = self.runner.prepare(request, b"")
+        except (OSError, InvalidMessageError) as exc:  # this node's fault: another may join
+            log.error("job %s: cannot make a directory to join it: %s", token.job_id, exc)
+            self._gang_deferred.append((time.monotonic() + DEFER_S, tag))
+            return
         host, _, port = cfg.ssh_address.rpartition(":")
         queue = gang.hold_queue(token.job_id, self.machine.name)
         try:
