@@ -17,7 +17,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench import celery_side, dispatch_side, ledger_side, minimal, postgres, report, testbed
+from bench import (
+    celery_side,
+    dispatch_side,
+    ledger_side,
+    minimal,
+    postgres,
+    report,
+    scale,
+    testbed,
+)
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -36,11 +45,31 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ledger-db", metavar="URL",
                         help="ledger database for the ledger phase (default: a private "
                              "PostgreSQL server started for the run)")
+    parser.add_argument("--scale", action="store_true",
+                        help="run the scale phases instead (bench/scale.py): a queued "
+                             "backlog, 1 -> 5 -> 20 nodes with a ledger, q/history over "
+                             "a million jobs")
+    parser.add_argument("--scale-jobs", type=int, default=100_000,
+                        help="jobs queued before any node starts (default: 100000)")
+    parser.add_argument("--scale-nodes", type=_counts, default=[1, 5, 20],
+                        help="single-slot node counts, comma-separated (default: 1,5,20)")
+    parser.add_argument("--scale-node-jobs", type=int, default=2000,
+                        help="timed jobs at each node count (default: 2000)")
+    parser.add_argument("--scale-ledger-jobs", type=int, default=1_000_000,
+                        help="finished jobs put in the ledger for q/history (default: "
+                             "1000000)")
     parser.add_argument("--results", type=Path, default=report.RESULTS_DIR,
                         help="where the run's JSON goes (default: bench/results)")
     parser.add_argument("--keep-work", action="store_true",
                         help="keep the worker logs and job directories under /var/tmp")
     return parser.parse_args(argv)
+
+
+def _counts(text: str) -> list[int]:
+    counts = [int(part) for part in text.split(",") if part.strip()]
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError("give node counts of 1 or more, e.g. 1,5,20")
+    return counts
 
 
 def _machine(url: str) -> dict[str, Any]:
@@ -88,6 +117,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
              "throughput_jobs": args.throughput_jobs}
     testbed.snapshot(work)  # the code every Dispatch worker of this run will import
     source = _source()
+    if args.scale:
+        return _scale_run(args, work, now, source)
     with testbed.broker_url() as (url, where):
         print(f"bench: broker from {where}; work in {work}", file=sys.stderr)
         machine = {**_machine(url), "broker_source": where}
@@ -118,6 +149,22 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
 
 
+def _scale_run(args: argparse.Namespace, work: Path, now: dt.datetime,
+               source: dict[str, Any]) -> dict[str, Any]:
+    sizes = {"scale_jobs": args.scale_jobs, "scale_nodes": args.scale_nodes,
+             "scale_node_jobs": args.scale_node_jobs,
+             "scale_ledger_jobs": args.scale_ledger_jobs}
+    with testbed.broker_url() as (url, where):
+        print(f"bench: broker from {where}; work in {work}", file=sys.stderr)
+        machine = {**_machine(url), "broker_source": where}
+        load = {"start": _load()}
+        figures = scale.measure(url, work, sizes)
+        load["end"] = _load()
+    return {"timestamp": now.strftime("%Y%m%dT%H%M%SZ"), "date": now.isoformat(timespec="seconds"),
+            "machine": machine, "load_average_1_5_15min": load, "source": source,
+            "sizes": sizes, "scale": figures, "targets": figures["targets"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; exit 0 even when a target is missed (it is a measurement)."""
     args = _arguments(argv)
@@ -131,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     path = report.write(result, args.results)
+    if args.scale:
+        print(scale.tables(result["scale"]))
+        print("targets:\n" + report.verdicts(result))
+        print(f"load average (1/5/15 min): {result['load_average_1_5_15min']}")
+        print(f"written to {path}")
+        return 0
     print(report.table(result))
     with_ledger = report.ledger_table(result)
     if with_ledger:
