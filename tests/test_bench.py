@@ -54,9 +54,10 @@ def test_per_job_figures_divide_the_difference_and_keep_unknowns_unknown():
     assert cpu.per_job_ms(before, after, 1000) == {"broker": None, "worker": 2.0, "client": 0.5}
 
 
-def test_the_bench_measures_dispatch_celery_and_the_floor_and_writes_its_run(broker_url,
+def test_the_bench_measures_dispatch_celery_and_the_floor_and_writes_its_run(vhost_url,
                                                                             tmp_path):
-    env = {**os.environ, "DISPATCH_BROKER_URL": broker_url}
+    # A vhost of its own: the ledger phase's queues have fixed names.
+    env = {**os.environ, "DISPATCH_BROKER_URL": vhost_url}
     run = subprocess.run(
         [sys.executable, "-m", "bench", "--latency-jobs", "20", "--warmup", "3",
          "--throughput-jobs", "40", "--results", str(tmp_path)],
@@ -78,6 +79,17 @@ def test_the_bench_measures_dispatch_celery_and_the_floor_and_writes_its_run(bro
         assert variant["throughput"]["jobs"] == 40 and variant["throughput"]["processes"] == 2
         _assert_cpu_measured(variant["throughput"]["cpu_ms_per_job"])
     assert "the same work by a minimal dispatcher" in run.stdout
+    # The ledger phase ran the same jobs with claims on, and the ledger holds every one.
+    ledger = result["ledger"]
+    assert ledger["latency"]["jobs"] == 20 and ledger["latency"]["ledger_recorded"] == 23
+    assert ledger["throughput_2slot"]["jobs"] == 40
+    assert ledger["throughput_2slot"]["ledger_recorded"] == 43
+    used = ledger["throughput_2slot"]["cpu_ms_per_job"]
+    _assert_cpu_measured({side: used[side] for side in ("broker", "worker", "client")})
+    assert used["ledger"] is not None and used["database"] is not None
+    assert set(result["ledger_ratio"]) == {"latency_p50", "latency_p99", "throughput"}
+    assert "ledger_p50<=1.25x_no_ledger" in result["targets"]
+    assert "with a ledger (claims and events on)" in run.stdout
     assert "| throughput (jobs/s), 2 at once" in run.stdout.split("minimal dispatcher")[1]
 
 
@@ -90,3 +102,42 @@ def _assert_cpu_measured(used: dict[str, float | None]) -> None:
     assert set(used) == {"broker", "worker", "client"}
     for side, value in used.items():
         assert value is not None and value >= 0, f"{side}: {value}"
+
+
+def test_the_scale_phases_run_tiny_and_measure_every_figure(vhost_url, tmp_path):
+    env = {**os.environ, "DISPATCH_BROKER_URL": vhost_url}
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--scale", "--scale-jobs", "200", "--scale-nodes", "1,2",
+         "--scale-node-jobs", "30", "--scale-ledger-jobs", "2000", "--results", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=220, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (written,) = tmp_path.glob("*.json")
+    scale = json.loads(written.read_text())["scale"]
+    # The backlog: all queued before any node, memory read at 1%, 10%, 50% and 100%.
+    queued = scale["queued"]
+    assert queued["submit"]["queued"] == 200 and queued["submit"]["jobs_per_s"] > 0
+    assert queued["drain"]["jobs_per_s"] > 0
+    assert all(mib is not None for mib in queued["broker_mib"].values())
+    for phase in ("submit", "drain"):
+        assert [s["jobs"] for s in queued[phase]["rss"]] == [2, 20, 100, 200]
+        assert all(s["client_mib"] for s in queued[phase]["rss"])
+    assert all(len(s["nodes_mib"]) == 2 and all(s["nodes_mib"]) for s in queued["drain"]["rss"])
+    assert len(queued["rss_spread_mib"]) == 4
+    assert all(v is not None for v in queued["rss_spread_mib"].values())
+    # One step per node count, each with its throughput, latency and CPU per side.
+    steps = scale["nodes"]["steps"]
+    assert [s["nodes"] for s in steps] == [1, 2]
+    for step in steps:
+        assert step["jobs"] == 30 and step["jobs_per_s"] > 0 and step["p99_ms"] > 0
+        assert all(v is not None for v in step["cpu_ms_per_job"].values())
+    assert scale["nodes"]["ledger_recorded"] == 30 + 5 + 30 + 10  # with the warm-up jobs
+    # The filled ledger, every command timed and every query explained.
+    fill = scale["ledger"]["fill"]
+    assert fill["jobs_by_state"]["Exited"] >= 2000 and fill["jobs_by_state"]["Idle"] == 2
+    assert fill["history_rows"] > 2000
+    commands = scale["ledger"]["commands"]
+    assert {"dispatch q", "dispatch history", "dispatch history JOBID"} <= set(commands)
+    assert all(c["median_s"] > 0 and c["lines"] > 0 for c in commands.values())
+    assert all(q["plan"] for q in scale["ledger"]["queries"].values())
+    assert set(scale["targets"]) == {"rss_flat_within_20MiB", "q_under_1s", "history_under_1s"}
+    assert "| nodes | in flight | jobs/s |" in run.stdout
