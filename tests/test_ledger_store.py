@@ -6,6 +6,7 @@ import datetime
 
 import pytest
 from ledger_events import T0, at, heartbeat, job, request
+from sqlalchemy import event, insert, text
 
 from dispatch.errors import InvalidMessageError
 from dispatch.events import Event
@@ -195,3 +196,39 @@ def test_a_gathering_event_keeps_the_heads_node_count_and_status_as_attributes(t
         assert attrs["NodesHeld"] == "2" and attrs["GangStatus"] == "holds 2 of 2"
     finally:
         led.close()
+
+
+def test_the_queue_is_read_through_the_state_index_not_by_scanning_finished_jobs(ledger):
+    # A ledger that has run a while: finished jobs outnumber the waiting ones by far.
+    rows = [{"job_id": f"done{i:05d}", "pool": "p", "state": "Exited",
+             "submitted_at": T0, "finished_at": T0} for i in range(3000)]
+    rows += [{"job_id": "run", "pool": "p", "state": "Running",
+              "submitted_at": T0 + datetime.timedelta(seconds=2), "finished_at": None},
+             {"job_id": "wait", "pool": "p", "state": "Idle",
+              "submitted_at": T0 + datetime.timedelta(seconds=1), "finished_at": None}]
+    with ledger.engine.begin() as conn:
+        conn.execute(insert(JobRow), rows)
+    if ledger.engine.dialect.name == "postgresql":
+        with ledger.engine.begin() as conn:
+            conn.execute(text("ANALYZE jobs"))  # as autovacuum does
+    seen: list[tuple[str, object]] = []
+
+    def capture(_conn, _cursor, statement, params, *_):
+        seen.append((statement, params))
+
+    event.listen(ledger.engine, "before_cursor_execute", capture)
+    try:
+        assert [j.job_id for j in ledger.jobs(finished=False)] == ["wait", "run"]
+    finally:
+        event.remove(ledger.engine, "before_cursor_execute", capture)
+    statement, params = next((s, p) for s, p in seen if "FROM jobs" in s)
+    explain = ("EXPLAIN " if ledger.engine.dialect.name == "postgresql"
+               else "EXPLAIN QUERY PLAN ")
+    raw = ledger.engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        cursor.execute(explain + statement, params)
+        plan = " ".join(str(row) for row in cursor.fetchall())
+    finally:
+        raw.close()
+    assert "ix_jobs_state" in plan, plan
