@@ -31,7 +31,7 @@ def measure(url: str, work: Path, sizes: dict[str, Any]) -> dict[str, Any]:
         out["nodes"] = scale_nodes.measure(url, work, db_url, server.pid(),
                                            node_counts=sizes["scale_nodes"],
                                            jobs_per_step=sizes["scale_node_jobs"])
-        out["ledger"] = scale_ledger.measure(db_url, work / "src",
+        out["ledger"] = scale_ledger.measure(db_url, work,
                                              finished=sizes["scale_ledger_jobs"])
     out["targets"] = targets(out)
     print("scale: done", file=sys.stderr)

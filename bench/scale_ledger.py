@@ -7,13 +7,15 @@ fresh id, one of 50 owners, one of 20 hosts and times spread over the last 30 da
 Besides the finished jobs, one in a thousand more waits (``Idle``), so ``dispatch q``
 has a queue to show. Then the tables are analyzed (as autovacuum would have done by
 then) and each command runs as a user runs it, a fresh process with its default limit,
-timed from start to exit; the queries they send are run again under EXPLAIN ANALYZE.
+timed from start to exit (with bytecode caches, as installed); the queries they send
+are run again in this process, timed, and under EXPLAIN ANALYZE.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -131,25 +133,49 @@ def _flush(cursor: Any, batch: list[tuple[dict[str, Any], list[dict[str, Any]]]]
     _copy(cursor, HistoryRow.__table__, [h for _, events in batch for h in events])
 
 
-def time_commands(db_url: str, src: Path, job_id: str) -> dict[str, Any]:
-    """Run each command ``RUNS`` times as a fresh process; return median and min seconds."""
+def time_commands(db_url: str, work: Path, job_id: str) -> dict[str, Any]:
+    """Run each command ``RUNS`` times as a fresh process; return median and min seconds.
+
+    The commands run with bytecode caches, as an installed Dispatch has them (pip
+    compiles at install), kept in ``work/pycache`` and written by one untimed run each
+    (which also warms the database's cache). Start-up without them is timed apart:
+    this machine's environment sets ``PYTHONDONTWRITEBYTECODE``, and without caches
+    every process compiles SQLAlchemy from source.
+    """
     commands = {"dispatch q --help (start-up only)": ["q", "--help"],
                 "dispatch q": ["q"], "dispatch history": ["history"],
                 "dispatch history -u user07": ["history", "-u", "user07"],
                 "dispatch history JOBID": ["history", job_id]}
+    cached = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    cached["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
     out: dict[str, Any] = {}
     for name, args in commands.items():
-        walls = []
-        for _ in range(RUNS):
-            started = time.perf_counter()
-            done = subprocess.run([sys.executable, "-m", "dispatch", *args, "--db", db_url],
-                                  cwd=src, capture_output=True, text=True, check=False)
-            walls.append(time.perf_counter() - started)
-            if done.returncode != 0:
-                raise RuntimeError(f"{name} failed: {done.stderr[-2000:]}")
-        out[name] = {"median_s": round(statistics.median(walls), 3),
-                     "min_s": round(min(walls), 3), "lines": len(done.stdout.splitlines())}
+        _run_command([*args, "--db", db_url], work / "src", cached)
+        out[name] = _timed([*args, "--db", db_url], work / "src", cached)
+    uncached = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    uncached.pop("PYTHONPYCACHEPREFIX", None)
+    out["dispatch q --help, no bytecode cache"] = _timed(["q", "--help"], work / "src",
+                                                         uncached)
     return out
+
+
+def _timed(args: list[str], src: Path, env: dict[str, str]) -> dict[str, Any]:
+    walls, lines = [], 0
+    for _ in range(RUNS):
+        started = time.perf_counter()
+        lines = _run_command(args, src, env)
+        walls.append(time.perf_counter() - started)
+    return {"median_s": round(statistics.median(walls), 3), "min_s": round(min(walls), 3),
+            "lines": lines}
+
+
+def _run_command(args: list[str], src: Path, env: dict[str, str]) -> int:
+    """Run ``dispatch ARGS`` from the snapshot; return how many lines it printed."""
+    done = subprocess.run([sys.executable, "-m", "dispatch", *args], cwd=src, env=env,
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"dispatch {args[0]} failed: {done.stderr[-2000:]}")
+    return len(done.stdout.splitlines())
 
 
 def explain(ledger: Ledger, job_id: str) -> dict[str, Any]:
@@ -182,7 +208,7 @@ def explain(ledger: Ledger, job_id: str) -> dict[str, Any]:
     return out
 
 
-def measure(db_url: str, src: Path, *, finished: int) -> dict[str, Any]:
+def measure(db_url: str, work: Path, *, finished: int) -> dict[str, Any]:
     """Fill the ledger at ``db_url`` and time the commands; return the figures."""
     print(f"scale: filling the ledger with {finished} finished jobs", file=sys.stderr)
     ledger = Ledger.open(db_url)
@@ -190,7 +216,7 @@ def measure(db_url: str, src: Path, *, finished: int) -> dict[str, Any]:
         filled = fill(ledger, finished)
         job_id = ledger.jobs(finished=True, limit=1)[0].job_id
         print("scale: timing dispatch q and dispatch history", file=sys.stderr)
-        commands = time_commands(db_url, src, job_id)
+        commands = time_commands(db_url, work, job_id)
         plans = explain(ledger, job_id)
     finally:
         ledger.close()
