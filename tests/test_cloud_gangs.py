@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import threading
 import uuid
@@ -14,6 +15,7 @@ from cloud_fixtures import Processes, old, ours, wait_until
 from openstack_double import OpenStackDouble
 
 from dispatch import broker, events, gang, topology
+from dispatch.errors import InvalidMessageError
 from dispatch.events import Event
 from workers.cloud import metadata, reaper
 from workers.cloud.reaping import Action, ReapPolicy, judge
@@ -242,7 +244,11 @@ def test_an_unreadable_gathering_event_is_dead_lettered_and_the_next_one_handled
     channel = amqp.channel()  # look at the dead letters without taking them
     dead = []
     while (msg := channel.basic_get(topology.dead_letter_queue(), no_ack=False)) is not None:
-        dead.append(events.decode(msg.body))
+        # the queue is shared with every other test's dead letters (some not msgpack at all)
+        body = msg.body if isinstance(msg.body, bytes) else str(msg.body).encode(
+            "utf-8", "surrogateescape")
+        with contextlib.suppress(InvalidMessageError):
+            dead.append(events.decode(body))
     channel.close()
     assert [d["held"] for d in dead if d.get("job_id") == job] == ["two"]
 
