@@ -62,6 +62,7 @@ class Client:
         self._lock = threading.RLock()
         self._inbox: collections.deque[tuple[JobUpdate, int]] = collections.deque()
         self._returned: set[str] = set()  # job ids the broker could not route
+        #: The latest attempt seen, per job sent out again (absent: attempt 1).
         self._attempts: dict[str, int] = {}
         #: The attempt whose final reply this client handed out, per job.
         self._finished: dict[str, int] = {}
@@ -299,14 +300,15 @@ class Client:
         (an ``Idle`` reply with the new attempt); replies of older attempts that still
         arrive are dropped, so each job has exactly one final result.
         """
-        current = self._attempts.get(update.job_id, 0)
+        current = self._attempts.get(update.job_id, 1)
         if update.attempt < current:
             log.info("job %s: dropping a reply of stale attempt %d (now %d)", update.job_id,
                      update.attempt, current)
             return True
-        self._attempts[update.job_id] = update.attempt
-        if len(self._attempts) > _ATTEMPTS_KEPT:
-            self._attempts.pop(next(iter(self._attempts)))
+        if update.attempt > 1:  # first attempts (nearly every job) need no entry
+            self._attempts[update.job_id] = update.attempt
+            if len(self._attempts) > _ATTEMPTS_KEPT:
+                self._attempts.pop(next(iter(self._attempts)))
         return False
 
     def _pump(self, timeout_s: float) -> None:
