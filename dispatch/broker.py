@@ -224,6 +224,19 @@ def queue_exists(conn: kombu.Connection, queue: str) -> bool:
             log.debug("closing a channel the broker closed", exc_info=True)
 
 
+def queue_held(conn: kombu.Connection, queue: str) -> bool:
+    """Tell whether ``queue`` exists, exclusive to another connection or not.
+
+    For exclusive queues that stand for a process (a multi-node job's gang queues): a
+    passive declare answers RESOURCE_LOCKED while their owner's connection lives and
+    NOT_FOUND once it is gone. Asked on a throwaway channel, which the broker closes.
+    """
+    try:
+        return queue_exists(conn, queue)
+    except amqp.exceptions.ResourceLocked:
+        return True
+
+
 def message(body: bytes, headers: dict[str, Any], **properties: Any) -> amqp.Message:
     """Build a persistent AMQP message."""
     properties.setdefault("delivery_mode", PERSISTENT)

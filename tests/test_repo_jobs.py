@@ -90,12 +90,17 @@ def repo(shared_dir: Path) -> dict[str, str]:
     _git("commit", "-qm", "more", cwd=work)
     bare = shared_dir / "repo.git"
     _git("clone", "-q", "--bare", str(work), str(bare), cwd=shared_dir)
+    _give_to_job_account(bare)
+    return {"url": f"file://{bare}", "first": first, "bare": str(bare)}
+
+
+def _give_to_job_account(tree: Path) -> None:
+    """Chown a repository to the job account: git refuses one owned by another user."""
     account = _job_account()
-    if account is not None:  # git refuses a repository owned by another user (safe.directory)
-        for dirpath, _, files in os.walk(bare):
+    if account is not None:
+        for dirpath, _, files in os.walk(tree):
             for name in [dirpath, *(os.path.join(dirpath, f) for f in files)]:
                 os.chown(name, *account)
-    return {"url": f"file://{bare}", "first": first, "bare": str(bare)}
 
 
 def _free_port() -> int:
@@ -459,12 +464,8 @@ def test_a_git_job_gets_its_submodules_at_the_commits_the_repository_pins(
     _git("commit", "-qm", "app", cwd=app)
     app_bare = shared_dir / "app.git"
     _git("clone", "-q", "--bare", str(app), str(app_bare), cwd=shared_dir)
-    account = _job_account()
-    if account is not None:
-        for bare in (lib_bare, app_bare):
-            for dirpath, _, files in os.walk(bare):
-                for name in [dirpath, *(os.path.join(dirpath, f) for f in files)]:
-                    os.chown(name, *account)
+    for bare in (lib_bare, app_bare):
+        _give_to_job_account(bare)
     record, run = _submit(dispatch_cli, "--pool", pool, "--source", f"file://{app_bare}",
                           "--", "/bin/sh", "run.sh")
     assert record["exit_code"] == 0, run.stderr

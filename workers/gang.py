@@ -291,7 +291,7 @@ class Driver:
         if time.monotonic() >= self._next_probe:
             self._next_probe = time.monotonic() + PROBE_S
             for member in list(self.members):
-                if not self._alive(member.hold_queue):
+                if not broker.queue_held(self.conn, member.hold_queue):
                     self.members.remove(member)
                     if self.started:
                         self.lost = member
@@ -300,20 +300,6 @@ class Driver:
                     log.warning("job %s: node %s left before the job started; asking the "
                                 "pool for another", self.plan.job_id, member.node)
                     self._publish_token()
-
-    def _alive(self, queue: str) -> bool:
-        """Tell whether another connection still holds the exclusive ``queue``."""
-        channel = self.conn.channel()
-        try:
-            channel.queue_declare(queue, passive=True)
-            return True
-        except amqp.exceptions.ResourceLocked:
-            return True
-        except amqp.exceptions.NotFound:
-            return False
-        finally:
-            with contextlib.suppress(*broker.CONNECTION_ERRORS):
-                channel.close()
 
     def node_names(self) -> list[str]:
         """Return the job's nodes, the head first."""

@@ -31,8 +31,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import amqp
-
 from dispatch import broker, gang, headers
 from dispatch.errors import InvalidMessageError
 from dispatch.gang import Member, Token
@@ -255,22 +253,8 @@ class GangMembers(NodeBase):
         if self.gang_holds and now >= self._gang_next_probe:
             self._gang_next_probe = now + PROBE_S
             for job_id, hold in list(self.gang_holds.items()):
-                if not self._inbox_alive(hold.token.inbox):
+                if not broker.queue_held(self._connection(), hold.token.inbox):
                     self._gang_release(job_id, "its head is gone")
-
-    def _inbox_alive(self, queue: str) -> bool:
-        conn = self._connection()
-        channel = conn.channel()
-        try:
-            channel.queue_declare(queue, passive=True)
-            return True
-        except amqp.exceptions.ResourceLocked:
-            return True
-        except amqp.exceptions.NotFound:
-            return False
-        finally:
-            with contextlib.suppress(*broker.CONNECTION_ERRORS):
-                channel.close()
 
     def _gang_reset(self) -> None:
         """Forget what the last connection held: the broker gave its tokens back."""
