@@ -24,13 +24,10 @@ In order (the wire contract is in :mod:`dispatch.gang`):
 Members are watched all along by their hold queues: one that disappears means its node
 died or lost the broker, and the job fails naming it; the others are let go.
 """
-
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
-import json
 import logging
 import os
 import shlex
@@ -43,7 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import amqp
 
@@ -52,79 +49,16 @@ from dispatch.errors import InvalidMessageError
 from dispatch.events import ControlOp, Event
 from dispatch.gang import Member
 from workers import gangkeys
+from workers.gangplan import BROKER_ENV, HEAD_COPYBACK, PAYLOAD, GangFailed, Plan, SshAccess
+from workers.gangstages import Local, Remote, access, account, kill_group, known_name, open_append
 
 log = logging.getLogger("workers.gang")
 
-BROKER_ENV = "DISPATCH_GANG_BROKER"
 #: How often members' hold queues are checked, and gathering events repeated.
 PROBE_S = 1.0
 GATHERING_EVERY_S = 30.0
-PAYLOAD = ".dispatch-payload.tar"
-HEAD_COPYBACK = ".dispatch-copyback"
 
-
-@dataclasses.dataclass(frozen=True)
-class SshAccess:
-    """How other nodes of a job reach one node's sshd."""
-
-    host: str
-    port: int
-    user: str
-    host_key: str
-    #: The authorized_keys file the node manages (only the head's driver edits it).
-    keys_file: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """What the head node tells the driver (a JSON file outside the working directory)."""
-
-    job_id: str
-    attempt: int
-    pool: str
-    head: str
-    workdir: str
-    keydir: str
-    reason_file: str
-    min_nodes: int
-    max_nodes: int
-    gather_s: int
-    bootstrap: str | None
-    cleanup: str | None
-    argv: list[str]
-    env: dict[str, str]
-    stdout: str
-    stderr: str
-    cpus: int
-    memory_mb: int
-    disk_mb: int
-    requirements: str
-    uid: int | None = None
-    gid: int | None = None
-    head_ssh: SshAccess | None = None
-    kill_grace_s: float = 5.0
-
-    def dump(self, path: Path) -> None:
-        """Write the plan as JSON, readable by its owner only."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(dataclasses.asdict(self), out)
-
-    @classmethod
-    def load(cls, path: Path) -> Plan:
-        """Read a plan written by :meth:`dump`."""
-        data = json.loads(path.read_text(encoding="utf-8"))
-        ssh = data.pop("head_ssh", None)
-        return cls(**data, head_ssh=SshAccess(**ssh) if ssh else None)
-
-
-class GangFailed(Exception):
-    """Ends the job with a reason: a node lost, a stage failed, the job stopped."""
-
-    def __init__(self, reason: str, code: int = 1) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.code = code
+__all__ = ["BROKER_ENV", "Driver", "GangFailed", "Plan", "SshAccess", "main"]
 
 
 class Driver:
@@ -340,7 +274,7 @@ class Driver:
         hosts, config, known, dirs = [], [], [], []
         nodes: list[tuple[str, SshAccess | None, int, str]] = [
             (plan.head, plan.head_ssh, plan.cpus, plan.workdir)]
-        nodes += [(m.node, _access(m), m.cpus, m.workdir) for m in self.members]
+        nodes += [(m.node, access(m), m.cpus, m.workdir) for m in self.members]
         for name, ssh, slots, workdir in nodes:
             hosts.append(gang.hostfile_line(name, slots))
             dirs.append(f"{name} {workdir}\n")
@@ -351,7 +285,7 @@ class Driver:
                           f"  User {ssh.user}\n  IdentityFile {key}\n  IdentitiesOnly yes\n"
                           f"  UserKnownHostsFile {self.keydir / 'known_hosts'}\n"
                           "  StrictHostKeyChecking yes\n  BatchMode yes\n")
-            known.append(f"{_known_name(ssh)} {ssh.host_key}\n")
+            known.append(f"{known_name(ssh)} {ssh.host_key}\n")
         (self.keydir / "hostfile").write_text("".join(hosts), encoding="utf-8")
         (self.keydir / "ssh_config").write_text("".join(config), encoding="utf-8")
         (self.keydir / "known_hosts").write_text("".join(known), encoding="utf-8")
@@ -376,9 +310,9 @@ class Driver:
         (self.workdir / HEAD_COPYBACK).mkdir(exist_ok=True)
         self._chown(self.workdir / "logs", self.workdir / "copyback",
                     self.workdir / HEAD_COPYBACK)
-        head = _Local(self)
-        remotes = [_Remote(self, m) for m in self.members]
-        nodes: list[_Local | _Remote] = [head, *remotes]
+        head = Local(self)
+        remotes = [Remote(self, m) for m in self.members]
+        nodes: list[Local | Remote] = [head, *remotes]
         try:
             payload = self._payload()
             self._each([functools.partial(r.open, payload) for r in remotes], "payload")
@@ -429,15 +363,15 @@ class Driver:
                     break
         finally:
             if any(t.is_alive() for t in threads):
-                _Remote.abort_all()
+                Remote.abort_all()
         if errors:
             exc = errors[0]
             raise exc if isinstance(exc, GangFailed) else GangFailed(f"{what}: {exc}")
 
-    def _execute(self, head: _Local) -> int:
+    def _execute(self, head: Local) -> int:
         plan = self.plan
-        out = _open_append(self.workdir / plan.stdout, plan)
-        err = out if plan.stderr == plan.stdout else _open_append(self.workdir / plan.stderr,
+        out = open_append(self.workdir / plan.stdout, plan)
+        err = out if plan.stderr == plan.stdout else open_append(self.workdir / plan.stderr,
                                                                    plan)
         head.note(f"## execute: {shlex.join(plan.argv)}: output in {plan.stdout} and "
                   f"{plan.stderr}\n")
@@ -446,7 +380,7 @@ class Driver:
                                     stdout=out, stderr=err, start_new_session=True,
                                     env=self.env_for(str(self.workdir),
                                                   str(self.workdir / HEAD_COPYBACK), plan.head),
-                                    **_account(plan))
+                                    **account(plan))
         except OSError as exc:
             raise GangFailed(f"execute: cannot run {plan.argv[0]!r}: {exc.strerror}",
                              127) from None
@@ -458,7 +392,7 @@ class Driver:
             while proc.poll() is None:
                 self._pump(0.2)
         except GangFailed:
-            _kill_group(proc, plan.kill_grace_s)
+            kill_group(proc, plan.kill_grace_s)
             raise
         head.note(f"## execute exited {proc.returncode}\n")
         return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
@@ -467,172 +401,6 @@ class Driver:
         if self.plan.uid is not None and self.plan.gid is not None:
             for path in paths:
                 os.chown(path, self.plan.uid, self.plan.gid)
-
-
-class _Local:
-    """The head's own part of the stages."""
-
-    def __init__(self, driver: Driver) -> None:
-        self.driver = driver
-        plan = driver.plan
-        address = (f"{plan.head_ssh.host}:{plan.head_ssh.port}" if plan.head_ssh
-                   else "(no sshd)")
-        self.out = driver.workdir / "logs" / f"{plan.head}.out"
-        self.err = driver.workdir / "logs" / f"{plan.head}.err"
-        for path in (self.out, self.err):
-            path.write_text(f"# node {plan.head} {address} (head)\n", encoding="utf-8")
-
-    def note(self, text: str) -> None:
-        with self.out.open("a", encoding="utf-8") as out:
-            out.write(text)
-
-    def stage(self, name: str, script: str) -> None:
-        driver, plan = self.driver, self.driver.plan
-        self.note(f"## {name}\n")
-        with self.out.open("ab") as out, self.err.open("ab") as err:
-            out.flush()
-            proc = subprocess.Popen(["/bin/sh", "-c", script], cwd=driver.workdir,
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    start_new_session=True,
-                                    env=driver.env_for(str(driver.workdir),
-                                                    str(driver.workdir / HEAD_COPYBACK),
-                                                    plan.head),
-                                    **_account(plan))
-            try:
-                code = proc.wait()
-            finally:
-                if proc.poll() is None:
-                    _kill_group(proc, plan.kill_grace_s)
-        self.note(f"## {name} exited {code}\n")
-        if code != 0:
-            raise GangFailed(f"{name} failed on node {plan.head} (exit {code})")
-
-    def copy_back(self) -> None:
-        driver = self.driver
-        source = driver.workdir / HEAD_COPYBACK
-        with tarfile.open(driver.workdir / "copyback" / f"{driver.plan.head}.tar.gz",
-                          "w:gz") as tar:
-            tar.add(source, arcname=".")
-        shutil.rmtree(source, ignore_errors=True)
-
-
-class _Remote:
-    """One member's part of the stages, over SSH (fabric) with the job's key."""
-
-    _open: ClassVar[set[_Remote]] = set()
-    _lock: ClassVar[threading.Lock] = threading.Lock()
-
-    def __init__(self, driver: Driver, member: Member) -> None:
-        self.driver = driver
-        self.member = member
-        self.conn: Any = None
-        self.out = driver.workdir / "logs" / f"{member.node}.out"
-        self.err = driver.workdir / "logs" / f"{member.node}.err"
-        for path in (self.out, self.err):
-            path.write_text(f"# node {member.node} {member.ssh_host}:{member.ssh_port}\n",
-                            encoding="utf-8")
-
-    def open(self, payload: Path) -> None:
-        from workers.cloud.bootstrap import Target, connection  # noqa: PLC0415 (fabric)
-
-        member = self.member
-        self.conn = connection(Target(member.ssh_host, member.ssh_port, member.ssh_user,
-                                      self.driver.keydir / "id_ed25519",
-                                      self.driver.keydir / "known_hosts"))
-        with _Remote._lock:
-            _Remote._open.add(self)
-        try:
-            self.conn.open()
-            wd = shlex.quote(member.workdir)
-            self.conn.put(str(payload), f"{member.workdir}/{PAYLOAD}")
-            self._run(f"cd {wd} && tar -xf {PAYLOAD} && rm -f {PAYLOAD} && mkdir -p copyback",
-                      "payload")
-        except GangFailed:
-            raise
-        except Exception as exc:
-            raise GangFailed(f"cannot reach node {member.node} over SSH at "
-                             f"{member.ssh_host}:{member.ssh_port}: {exc}") from None
-
-    def _run(self, command: str, what: str) -> int:
-        result = self.conn.run(command, hide=True, warn=True, in_stream=False)
-        with self.out.open("a", encoding="utf-8") as out:
-            out.write(result.stdout)
-        with self.err.open("a", encoding="utf-8") as err:
-            err.write(result.stderr)
-        code = int(result.exited)
-        if code != 0:
-            raise GangFailed(f"{what} failed on node {self.member.node} (exit {code})")
-        return code
-
-    def stage(self, name: str, script: str) -> None:
-        member = self.member
-        env = self.driver.env_for(member.workdir, f"{member.workdir}/copyback", member.node)
-        env = {k: v for k, v in env.items()
-               if k not in ("DISPATCH_HOSTFILE", "DISPATCH_SSH_CONFIG", "DISPATCH_WORKDIRS",
-                            "OMPI_MCA_plm_rsh_args")}
-        assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-        with self.out.open("a", encoding="utf-8") as out:
-            out.write(f"## {name}\n")
-        command = (f"cd {shlex.quote(member.workdir)} && env {assignments} "
-                   f"/bin/sh -c {shlex.quote(script)}")
-        try:
-            self._run(command, name)
-        finally:
-            with self.out.open("a", encoding="utf-8") as out:
-                out.write(f"## {name} ended\n")
-
-    def copy_back(self) -> None:
-        member = self.member
-        remote = f"{member.workdir}/.dispatch-copyback.tar.gz"
-        self._run(f"cd {shlex.quote(member.workdir)} && mkdir -p copyback && "
-                  f"tar -czf {shlex.quote(remote)} -C copyback .", "copy-back")
-        self.conn.get(remote, str(self.driver.workdir / "copyback" / f"{member.node}.tar.gz"))
-
-    def close(self) -> None:
-        with _Remote._lock:
-            _Remote._open.discard(self)
-        if self.conn is not None:
-            with contextlib.suppress(Exception):
-                self.conn.close()
-
-    @classmethod
-    def abort_all(cls) -> None:
-        """Close every open SSH connection: a stage still running there ends."""
-        with cls._lock:
-            remotes = list(cls._open)
-        for remote in remotes:
-            remote.close()
-
-
-def _access(member: Member) -> SshAccess:
-    return SshAccess(member.ssh_host, member.ssh_port, member.ssh_user, member.host_key)
-
-
-def _known_name(ssh: SshAccess) -> str:
-    return ssh.host if ssh.port == 22 else f"[{ssh.host}]:{ssh.port}"
-
-
-def _account(plan: Plan) -> dict[str, Any]:
-    if plan.uid is None or plan.uid == os.getuid():
-        return {}
-    return {"user": plan.uid, "group": plan.gid, "extra_groups": []}
-
-
-def _open_append(path: Path, plan: Plan) -> int:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o644)
-    if plan.uid is not None and plan.gid is not None:
-        os.fchown(fd, plan.uid, plan.gid)
-    return fd
-
-
-def _kill_group(proc: subprocess.Popen[Any], grace_s: float) -> None:
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=wait_s)
-            return
 
 
 def main(argv: Sequence[str] | None = None) -> int:

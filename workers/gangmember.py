@@ -36,7 +36,7 @@ from dispatch.errors import InvalidMessageError
 from dispatch.gang import Member, Token
 from dispatch.job import JobRequest, Resources
 from workers import gangkeys
-from workers.gang import BROKER_ENV, Plan, SshAccess
+from workers.gangplan import BROKER_ENV, Plan, SshAccess
 from workers.nodebase import NodeBase, NodeConfig
 from workers.runner import job_environment
 from workers.running import RunningJob
