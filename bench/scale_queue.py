@@ -141,3 +141,27 @@ def _spreads(figures: dict[str, Any]) -> dict[str, float | None]:
     for i in range(figures["nodes"]):
         out[f"node_{i}"] = memory.spread_mib([s["nodes_mib"][i] for s in draining])
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.scale_queue [JOBS]``: this phase alone, its figures as JSON."""
+    import json  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    args = sys.argv[1:] if argv is None else argv
+    jobs = int(args[0]) if args else 100_000
+    work = Path(tempfile.mkdtemp(prefix="dispatch-bench-", dir="/var/tmp"))
+    work.chmod(0o755)  # jobs run as nobody and must reach their directories
+    try:
+        testbed.snapshot(work)
+        with testbed.broker_url() as (url, _):
+            figures = measure(url, work, jobs=jobs, nodes=2, slots=1)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(figures, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
