@@ -25,12 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dispatch import headers
 from dispatch.errors import DispatchError, InvalidMessageError
 from dispatch.quantity import parse_duration_s
 from dispatch.topology import check_pool_name
+from dispatch.yamlfile import read_yaml
 
 __all__ = ["DEFAULT_FALLBACK_AFTER_S", "JOB_KINDS", "MPI", "SERIAL", "SMP", "PoolPolicy",
            "PoolsFileError", "job_kind", "load_pools", "parse_pools"]
@@ -66,16 +65,7 @@ class PoolPolicy:
 
 def load_pools(path: Path) -> dict[str, PoolPolicy]:
     """Read and check the pools file at ``path``; raise PoolsFileError naming the field."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PoolsFileError(f"{path}: cannot be read: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where is not None else ""
-        raise PoolsFileError(f"{path}: not valid YAML{line}") from None
+    data = read_yaml(path, PoolsFileError)
     return parse_pools(data, source=str(path))
 
 

@@ -25,10 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dispatch.errors import DispatchError
 from dispatch.quantity import parse_size_mib
+from dispatch.yamlfile import read_yaml
 
 __all__ = ["HostsFileError", "SshHost", "load_hosts", "parse_hosts"]
 
@@ -70,16 +69,7 @@ class HostsFile:
 
 def load_hosts(path: Path) -> HostsFile:
     """Read and check the hosts file at ``path``; raise HostsFileError naming the field."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise HostsFileError(f"{path}: cannot be read: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where is not None else ""
-        raise HostsFileError(f"{path}: not valid YAML{line}") from None
+    data = read_yaml(path, HostsFileError)
     return parse_hosts(data, source=str(path), base=path.parent)
 
 
