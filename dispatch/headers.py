@@ -278,6 +278,12 @@ _NODE_HEADERS = frozenset({MIN_NODES, MAX_NODES, BOOTSTRAP_SCRIPT, CLEANUP_SCRIP
 
 
 def _nodes(h: Mapping[str, Any]) -> Nodes:
+    # The gang driver (workers/gang.py) runs neither staged headers nor stdin: say so
+    # rather than run the job without them.
+    for name in (*sorted(_STAGE_HEADERS & h.keys()), *([IN] if IN in h else [])):
+        raise InvalidMessageError("is not supported with MinNodes/MaxNodes (a multi-node "
+                                  "job's stages are BootstrapScript, Cmd, CleanupScript)",
+                                  field=name)
     low = int(h.get(MIN_NODES, 1))
     high = int(h.get(MAX_NODES, low))
     if low < 1:

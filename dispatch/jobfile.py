@@ -102,6 +102,11 @@ def spec_from_fields(data: Mapping[str, Any], base_dir: Path = Path()) -> JobSpe
                                       field="nodes.min_cpus")
         resources = Resources(int(min_cpus), resources.memory_mb, resources.disk_mb)
     stages, shipped = _stages(data, base_dir)
+    if nodes is not None:  # the node would reject them (dispatch/headers.py _nodes)
+        for name in ("source", "ref", "setup", "output", "modules", "stdin"):
+            if data.get(name):
+                raise InvalidJobFileError("is not supported in a multi-node job (its stages "
+                                          "are bootstrap, execute, cleanup)", field=name)
     return JobSpec(
         command=command,
         arguments=arguments,

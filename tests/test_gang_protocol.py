@@ -112,3 +112,19 @@ def test_keys_are_added_and_removed_per_job_leaving_other_lines_alone(tmp_path: 
 
 def test_the_hostfile_line_is_what_mpirun_reads():
     assert gang.hostfile_line("n2", 8) == "n2 slots=8\n"
+
+
+@pytest.mark.parametrize("extra", [{"SourceUrl": "https://example.org/r.git"},
+                                   {"SetupSteps": "make"}, {"In": "data.txt"}])
+def test_a_multi_node_job_with_what_its_driver_does_not_run_is_rejected_naming_it(extra):
+    with pytest.raises(InvalidMessageError) as info:
+        headers.decode_request({"message_id": "j1"}, {"Cmd": "x", "MinNodes": 2, **extra})
+    assert info.value.field == next(iter(extra))
+
+
+def test_a_multi_node_job_file_with_a_source_is_a_one_line_error(tmp_path: Path):
+    path = tmp_path / "job.yaml"
+    path.write_text("nodes: {min: 2}\nexecute: x\nsetup: [make]\n")
+    with pytest.raises(InvalidJobFileError) as info:
+        jobfile.spec_from_fields(jobfile.load(path), tmp_path)
+    assert info.value.field == "setup"
