@@ -130,10 +130,12 @@ class JobFlow(GangMembers):
             self._selector.register(active.job, selectors.EVENT_READ, active)
         if request.spec.resources.cpus > 1 and not self._claim_mode:
             self._update_prefetch()
+        # The client's reply goes first: the broker handles a channel's messages in
+        # order, and the ledger's claim and event need not wait ahead of it.
+        self._reply(active.env, JobState.RUNNING, b"", host=self._host(active),
+                    started_at=active.job.started_at)
         self._claim(active)
         self._event(Event.RUNNING, active, host=self._host(active),
-                    started_at=active.job.started_at)
-        self._reply(active.env, JobState.RUNNING, b"", host=self._host(active),
                     started_at=active.job.started_at)
 
     def _claim(self, active: Active) -> None:
@@ -189,16 +191,18 @@ class JobFlow(GangMembers):
                   "exit_by_signal": outcome.exit_by_signal, "exit_signal": outcome.exit_signal,
                   "duration_s": round(outcome.duration_s, 6)}
         reason = order.describe() if order is not None else lost_output or outcome.reason
-        if state is JobState.EXITED:
-            self._event(Event.EXITED, active, result_bytes=len(archive), reason=reason,
-                        **result)
-        else:
-            self._event(Event.HELD if held else Event.REMOVED, active, reason=reason,
-                        by=order.by if order else None, **result)
+        result_bytes = len(archive)
+        # The final reply before the event: the client waits on it, the ledger does not.
         self._replies.send_result(active.env, state, archive,
                                   settle=lambda ok: self._settled(active, ok),
                                   reason=None if held else reason,
                                   hold_reason=reason if held else None, **result)
+        if state is JobState.EXITED:
+            self._event(Event.EXITED, active, result_bytes=result_bytes, reason=reason,
+                        **result)
+        else:
+            self._event(Event.HELD if held else Event.REMOVED, active, reason=reason,
+                        by=order.by if order else None, **result)
         self.runner.cleanup(job)
         if not self._claim_mode:
             self._unblock_prefetch()
