@@ -3,7 +3,9 @@
 One connection and one channel per client, guarded by a lock, so a client may be
 shared by threads (or live inside a Celery task). Replies arrive on the client's
 own durable queue ``dispatch.reply.<client-id>``; a reply is acked only once it has
-been handed to the caller, so results survive a client that goes away.
+been handed to the caller, so results survive a client that goes away. A ``Running``
+reply (advisory, not written to disk) is acked together with the final reply that
+follows it, in one ``multiple`` ack, or within ``ACK_DEFER_S`` when none follows soon.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 
 ACCEPT = ["application/zip", "application/octet-stream"]
 _POLL_S = 0.2
+#: Longest a handed-out advisory reply waits for its ack to ride with a final's.
+ACK_DEFER_S = 0.5
 _ATTEMPTS_KEPT = 100_000
 #: What a publish raises when the connection is gone (broker.translated turns the
 #: library's errors into BrokerUnreachableError).
@@ -66,6 +70,11 @@ class Client:
         self._attempts: dict[str, int] = {}
         #: The attempt whose final reply this client handed out, per job.
         self._finished: dict[str, int] = {}
+        #: Handed-out advisory replies whose ack waits for the next final's, and since when.
+        self._deferred: list[int] = []
+        self._deferred_since = 0.0
+        #: Deliveries kept unacked on purpose (a chunk that could not be stored).
+        self._held: set[int] = set()
         self._conn: kombu.Connection | None = None
         self._away = False  # the broker was unreachable at the last try
         self._connect()
@@ -81,6 +90,8 @@ class Client:
             raise
         self._conn = conn
         self._inbox.clear()  # unacked deliveries of a dead channel come back by themselves
+        self._deferred.clear()
+        self._held.clear()
         self._refused.clear()
         self._parts.clear()
 
@@ -107,6 +118,7 @@ class Client:
     def close(self) -> None:
         """Close the connection; replies not yet taken stay queued for next time."""
         with self._lock:
+            self._flush_acks()
             self._release()
 
     def __enter__(self) -> Client:
@@ -209,6 +221,7 @@ class Client:
             log.warning("client %s: dropping %s", self.client_id, exc)
         except OSError as exc:  # left unacked: it comes back after a reconnect
             log.error("client %s: cannot store a result chunk: %s", self.client_id, exc)
+            self._held.add(message.delivery_tag)
             return
         message.channel.basic_ack(message.delivery_tag)
 
@@ -249,7 +262,7 @@ class Client:
             if before_ack is not None and refused is None:
                 before_ack(update)
             del self._inbox[i]
-            self._ack(tag)
+            self._ack(tag, defer=refused is None and not update.is_final)
             if refused is not None:
                 raise refused
             if update.is_final:
@@ -273,25 +286,52 @@ class Client:
                     update.host)
         return True
 
-    def _ack(self, tag: int) -> None:
+    def _ack(self, tag: int, *, defer: bool = False) -> None:
         """Ack a reply taken; the chunks of a large result are then removed.
 
-        When the connection is gone the reply comes back after the reconnect: a final
-        is then dropped as already handed out (:meth:`_after_final`).
+        With ``defer`` (an advisory reply) the ack waits to go with the next one: a
+        final's ack then covers both (``multiple``) when no delivery below it is still
+        unacked. When the connection is gone the reply comes back after the reconnect:
+        a final is then dropped as already handed out (:meth:`_after_final`).
         """
         if self._conn is None:  # the channel died and the reply comes back
             return
+        if defer:
+            if not self._deferred:
+                self._deferred_since = time.monotonic()
+            self._deferred.append(tag)
+            return
+        # Deliveries arrive in tag order, so the inbox's first is its lowest.
+        multiple = bool(self._deferred) and (not self._inbox or self._inbox[0][1] > tag) \
+            and not any(held < tag for held in self._held)
         try:
-            self._conn.default_channel.basic_ack(tag)
+            self._conn.default_channel.basic_ack(tag, multiple=multiple)
         except broker.CONNECTION_ERRORS:
             log.warning("client %s: connection lost while acking a reply; reconnecting",
                         self.client_id)
             self._release()  # the next pump connects again
             return
+        if multiple:
+            self._deferred = [t for t in self._deferred if t > tag]
         self._refused.pop(tag, None)
         part = self._parts.pop(tag, None)
         if part is not None:
             self.chunks.discard(*part)
+
+    def _flush_acks(self, older_than_s: float = 0.0) -> None:
+        """Ack the deferred advisory replies, if they have waited ``older_than_s``."""
+        if not self._deferred or self._conn is None:
+            return
+        if time.monotonic() - self._deferred_since < older_than_s:
+            return
+        tags, self._deferred = self._deferred, []
+        try:
+            for tag in tags:
+                self._conn.default_channel.basic_ack(tag)
+        except broker.CONNECTION_ERRORS:
+            log.warning("client %s: connection lost while acking a reply; reconnecting",
+                        self.client_id)
+            self._release()
 
     def _stale(self, update: JobUpdate) -> bool:
         """Tell whether a reply comes from an attempt the ledger has given up on.
@@ -313,6 +353,7 @@ class Client:
 
     def _pump(self, timeout_s: float) -> None:
         """Wait up to ``timeout_s`` for replies; ride out a broker that is away."""
+        self._flush_acks(ACK_DEFER_S)
         if self._conn is None and not self._try_connect(timeout_s):
             return
         conn = self._conn
