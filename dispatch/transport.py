@@ -17,6 +17,13 @@ whole, so a partial frame simply waits in the buffer for the rest. A caller that
 waits on the socket with a selector must drain frames until a read times out before
 it selects again (the execute node does): the buffer then holds no whole frame.
 
+Writes can be held, too (:meth:`BufferedTCPTransport.hold_writes`, used by the execute
+node): frames written while held are gathered and go out in one ``sendall`` at
+:meth:`~BufferedTCPTransport.flush_writes`, or before the socket is read, so a
+request is always sent before its answer is awaited. On loopback each ``sendall``
+also runs the broker's side of the delivery in the sender's system call: a job's
+replies, claim and events written in one go cost one of those instead of five or six.
+
 TLS connections (``amqps://``) keep py-amqp's own TLS socket.
 
 Every connection made here also reads what foreign producers send without breaking:
@@ -45,6 +52,8 @@ __all__ = ["BufferedTCPTransport", "KombuSSLTransport", "KombuTransport", "for_u
 
 #: Bytes asked of the socket at once (a frame larger than this is read whole).
 READ_SIZE = 65536
+#: Held writes go out once they reach this many bytes, whatever the holder does.
+WRITE_HOLD_MAX = 262144
 _FRAME_END = 0xCE
 _HEADER = struct.Struct(">BHI")
 #: Socket errors after which the connection is still usable (py-amqp's list).
@@ -59,6 +68,28 @@ class BufferedTCPTransport(amqp.transport.TCPTransport):  # type: ignore[misc]
         self._rbuf = bytearray()
         self._rpos = 0
         self._recv_flags = 0
+        self._wbuf = bytearray()
+        self._holding = False
+
+    def hold_writes(self) -> None:
+        """Gather writes from now on until :meth:`flush_writes` (or a read) sends them."""
+        self._holding = True
+
+    def write(self, s: bytes) -> None:
+        """Send ``s``, or add it to the held writes."""
+        if not self._holding:
+            super().write(s)
+            return
+        self._wbuf += s
+        if len(self._wbuf) >= WRITE_HOLD_MAX:
+            self.flush_writes()
+
+    def flush_writes(self) -> None:
+        """Send the held writes in one ``sendall``."""
+        if self._wbuf:
+            data = bytes(self._wbuf)
+            self._wbuf.clear()
+            super().write(data)
 
     @contextmanager
     def having_timeout(self, timeout: float | None) -> Iterator[socket.socket]:
@@ -111,6 +142,8 @@ class BufferedTCPTransport(amqp.transport.TCPTransport):  # type: ignore[misc]
 
     def _fill(self, frame_bytes: int) -> None:
         """Read what the socket has (at least one byte) after compacting the buffer."""
+        if self._wbuf:  # what was written goes before any wait for an answer
+            self.flush_writes()
         if self._rpos:
             del self._rbuf[:self._rpos]
             self._rpos = 0

@@ -126,6 +126,12 @@ class ExecuteNode(NodeDuties):
         consumer.consume()
         self._consume_orders(conn)
         sock = conn.connection.sock
+        # A loop turn's frames (replies, claims, events, acks) go out together, just
+        # before the loop waits again (dispatch.transport): one system call, not one each.
+        transport = conn.connection.transport
+        self._flush_writes = getattr(transport, "flush_writes", _nothing)
+        if hasattr(transport, "hold_writes"):
+            transport.hold_writes()
         self._selector.register(sock, selectors.EVENT_READ, "amqp")
         self._next_heartbeat = 0.0
         log.info("node %s: serving %s with %d slots", self.machine.name, ", ".join(queues),
@@ -172,6 +178,7 @@ class ExecuteNode(NodeDuties):
     def _loop(self, conn: kombu.Connection, consumer: kombu.Consumer) -> None:
         cancelled = False
         while True:
+            self._flush_writes()
             ready = [key.data for key, _ in self._selector.select(self._timeout())]
             if "wake" in ready:
                 os.read(self._wake_r, 512)
@@ -201,6 +208,7 @@ class ExecuteNode(NodeDuties):
             if time.monotonic() >= self._next_heartbeat:
                 self._heartbeat()
             if self._finished(cancelled):
+                self._flush_writes()
                 return
 
     def _finished(self, cancelled: bool) -> bool:
@@ -266,3 +274,7 @@ class ExecuteNode(NodeDuties):
         for active in list(self.running.values()):
             if active.job is not None and not active.job.has_pidfd:
                 self._reap(active)
+
+
+def _nothing() -> None:
+    """Flush nothing: a transport that does not hold writes (TLS) has sent them all."""
