@@ -203,6 +203,7 @@ class JobFlow(GangMembers):
         else:
             self._event(Event.HELD if held else Event.REMOVED, active, reason=reason,
                         by=order.by if order else None, **result)
+        self._flush_writes()  # the reply goes now, not after the directory's removal
         self.runner.cleanup(job)
         if not self._claim_mode:
             self._unblock_prefetch()

@@ -129,9 +129,11 @@ class ExecuteNode(NodeDuties):
         # A loop turn's frames (replies, claims, events, acks) go out together, just
         # before the loop waits again (dispatch.transport): one system call, not one each.
         transport = conn.connection.transport
-        self._flush_writes = getattr(transport, "flush_writes", _nothing)
         if hasattr(transport, "hold_writes"):
             transport.hold_writes()
+            self._flush_writes = transport.flush_writes
+        else:  # TLS: py-amqp's own transport sends each write at once
+            self._flush_writes = lambda: None
         self._selector.register(sock, selectors.EVENT_READ, "amqp")
         self._next_heartbeat = 0.0
         log.info("node %s: serving %s with %d slots", self.machine.name, ", ".join(queues),
@@ -275,6 +277,3 @@ class ExecuteNode(NodeDuties):
             if active.job is not None and not active.job.has_pidfd:
                 self._reap(active)
 
-
-def _nothing() -> None:
-    """Flush nothing: a transport that does not hold writes (TLS) has sent them all."""

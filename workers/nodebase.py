@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import selectors
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,8 @@ class NodeBase:
         self._replies_now: Replies | None = None
         self._announcer: Announcer | None = None
         self._conn: kombu.Connection | None = None
+        #: Sends the frames the connection's transport holds (see workers/node.py).
+        self._flush_writes: Callable[[], None] = _no_held_writes
 
     # -- what a node of SSH hosts (workers/sshnode.py) does otherwise ---------------------
 
@@ -253,3 +256,7 @@ class NodeBase:
         broker.release_quietly(self._conn)
         self._conn = None
         self._replies_now = None
+
+
+def _no_held_writes() -> None:
+    """Send nothing: the transport holds no writes (none yet, or TLS)."""
