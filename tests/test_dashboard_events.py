@@ -163,6 +163,15 @@ def test_a_running_job_starts_no_earlier_than_it_was_received() -> None:
     assert event.fields["timestamp"] == pytest.approx(NOW)
 
 
+def test_a_claim_made_as_the_job_starts_is_received_then_started() -> None:
+    body = claim()
+    body["started_at"] = at(0.001)
+    received, started = Translator().translate(body, NOW)
+    assert (received.type, started.type) == ("task-received", "task-started")
+    assert received.fields["uuid"] == started.fields["uuid"] == body["job_id"]
+    assert started.fields["timestamp"] >= received.fields["timestamp"]
+
+
 def test_removed_and_held_jobs_are_revoked_with_their_reason() -> None:
     t = Translator()
     t.translate(claim("run"), NOW)

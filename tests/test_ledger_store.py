@@ -36,6 +36,21 @@ def test_a_job_goes_from_claim_to_exit_with_every_step_in_its_history(ledger):
                                                        "job.exited"]
 
 
+def test_a_claim_made_as_the_job_starts_is_also_its_running_event(ledger):
+    claim = job(Event.CLAIMED, "j1", t=0, started_at=at(0.5))
+    assert ledger.apply(claim)
+    rec = ledger.job("j1")
+    assert rec.state is LedgerState.RUNNING
+    assert rec.started_at == T0 + datetime.timedelta(seconds=0.5)
+    assert [h.event for h in ledger.history("j1")] == ["job.claimed", "job.running"]
+    # Applied once: the claim again, or a running event of the same attempt, changes nothing.
+    assert not ledger.apply(claim)
+    assert not ledger.apply(job(Event.RUNNING, "j1", t=1))
+    assert ledger.apply(job(Event.EXITED, "j1", t=2))
+    assert [h.event for h in ledger.history("j1")] == ["job.claimed", "job.running",
+                                                       "job.exited"]
+
+
 def test_redelivered_events_are_applied_once(ledger):
     claim, exited = job(Event.CLAIMED, "j1"), job(Event.EXITED, "j1", t=2)
     assert ledger.apply(claim) and ledger.apply(exited)

@@ -40,15 +40,18 @@ class Announcer:
         return self.listening is not False
 
     def claim(self, *, job_id: str, attempt: int, pool: str, request: Mapping[str, Any],
-              lease_s: float, settle: Settle, node: str | None = None) -> None:
+              lease_s: float, settle: Settle, node: str | None = None,
+              started_at: str | None = None) -> None:
         """Publish a job's claim; ``settle(True)`` once a ledger holds it, else ``False``.
 
         ``node`` is the machine the job runs on, when not this node's own (an SSH host).
+        ``started_at`` says the job started then: the claim is also its running event.
         """
         node = node or self.node
+        fields: dict[str, Any] = {"started_at": started_at} if started_at else {}
         body = events.job_event(Event.CLAIMED, job_id=job_id, attempt=attempt, pool=pool,
                                 node=node, host=node, request=dict(request),
-                                lease_s=lease_s)
+                                lease_s=lease_s, **fields)
 
         def claimed(ok: bool) -> None:
             self.listening = ok

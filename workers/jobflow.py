@@ -134,14 +134,19 @@ class JobFlow(GangMembers):
         # order, and the ledger's claim and event need not wait ahead of it.
         self._reply(active.env, JobState.RUNNING, b"", host=self._host(active),
                     started_at=active.job.started_at)
-        self._claim(active)
-        self._event(Event.RUNNING, active, host=self._host(active),
-                    started_at=active.job.started_at)
+        # A claim made as the job starts says so: it stands for the running event.
+        if not self._claim(active, started_at=active.job.started_at):
+            self._event(Event.RUNNING, active, host=self._host(active),
+                        started_at=active.job.started_at)
 
-    def _claim(self, active: Active) -> None:
-        """Hand the job to the ledger's keeping: ack it once the claim is confirmed."""
+    def _claim(self, active: Active, *, started_at: str | None = None) -> bool:
+        """Hand the job to the ledger's keeping: ack it once the claim is confirmed.
+
+        Returns whether a claim went out. With ``started_at`` the claim also says the
+        job started then (the ledger and watchers take it as the job's running event).
+        """
         if active.delivery_tag is None or not self.announcer.claims_wanted:
-            return
+            return False
         message = active.message
         request = events.capture_request(message.properties, message.headers or {},
                                          message.body)
@@ -155,7 +160,8 @@ class JobFlow(GangMembers):
 
         self.announcer.claim(job_id=active.request.job_id, attempt=active.request.attempt,
                              pool=active.pool, request=request, lease_s=self.config.lease_s,
-                             settle=claimed, node=self._host(active))
+                             settle=claimed, node=self._host(active), started_at=started_at)
+        return True
 
     def _reap(self, active: Active) -> None:
         job = active.job

@@ -201,6 +201,10 @@ class Applier:
         if event not in (Event.ATTRIBUTE, Event.GATHERING):
             self.record(job, event.value, at, event_id=eid, node=body.get("node"),
                         detail=_detail(body))
+        if event is Event.CLAIMED and body.get("started_at"):
+            # A claim made as the job starts stands for its running event (one message
+            # instead of two): applied as one, with its own history entry and event id.
+            self._job_event(Event.RUNNING, {**body, "event": Event.RUNNING.value}, at)
         return True
 
     def _heartbeat(self, body: Mapping[str, Any], at: datetime.datetime) -> bool:

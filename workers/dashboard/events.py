@@ -8,7 +8,8 @@ Dispatch event     Celery event(s)
 =================  =====================================================
 node.heartbeat     worker-online (first fresh one), worker-heartbeat
 node.offline       worker-offline
-job.claimed        task-received (name, args, kwargs, retries = attempt - 1)
+job.claimed        task-received (name, args, kwargs, retries = attempt - 1),
+                   and task-started when the claim has ``started_at``
 job.running        task-started
 job.exited         task-succeeded (exit 0) or task-failed, with runtime
 job.removed/held   task-revoked (the reason as its exception)
@@ -126,7 +127,12 @@ class Translator:
             return []
         node = self.book.seen(str(body.get("node")), now)  # known, so pruned with the others
         fields = {"uuid": str(body.get("job_id")), "timestamp": epoch(body.get("at"), now)}
-        return [CeleryEvent(hostname(node.name), *handler(self, body, fields))]
+        found = [CeleryEvent(hostname(node.name), *handler(self, body, fields))]
+        if kind == Event.CLAIMED.value and body.get("started_at"):
+            # A claim made as the job starts stands for its running event too.
+            started = {"uuid": fields["uuid"], "timestamp": epoch(body.get("at"), now)}
+            found.append(CeleryEvent(hostname(node.name), *self._running(body, started)))
+        return found
 
     def expire(self, now: float) -> list[CeleryEvent]:
         """Return worker-offline events for alive nodes whose heartbeats stopped."""
