@@ -24,14 +24,67 @@ from amqp_helpers import wait_for_consumer
 ROOT = Path(__file__).resolve().parent.parent
 
 
+#: Vhosts are made, and deleted, this many at a time: each rabbitmqctl call boots an
+#: Erlang VM (about 0.5 s), and one vhost made and deleted call by call took three.
+VHOST_BATCH = 8
+
+
+class Vhosts:
+    """Fresh vhosts with guest's full permissions, made and deleted in batches.
+
+    One ``rabbitmqctl eval`` makes (or deletes) a batch, calling what ``add_vhost``,
+    ``set_permissions`` and ``delete_vhost`` call; any result but ``ok`` fails it. Each
+    vhost goes to one test only; a used one is deleted, with its queues and connections,
+    within the next ``VHOST_BATCH`` tests, and every one left at the end of the run.
+    """
+
+    def __init__(self, rabbitmq_proc: Any) -> None:
+        self.rabbitmq_proc = rabbitmq_proc
+        self.fresh: list[str] = []
+        self.used: list[str] = []
+
+    def take(self) -> str:
+        """Return a vhost no test has used."""
+        if not self.fresh:
+            names = [f"ledger-{uuid.uuid4().hex[:10]}" for _ in range(VHOST_BATCH)]
+            self._each(names, 'ok = rabbit_vhost:add(V, <<"tests">>), '
+                              'ok = rabbit_auth_backend_internal:set_permissions(<<"guest">>, '
+                              'V, <<".*">>, <<".*">>, <<".*">>, <<"tests">>)')
+            self.fresh = names
+        return self.fresh.pop()
+
+    def give_back(self, name: str) -> None:
+        """Mark ``name`` used; delete the used ones once a batch of them is in."""
+        self.used.append(name)
+        if len(self.used) >= VHOST_BATCH:
+            self.delete_all_used()
+
+    def delete_all_used(self) -> None:
+        """Delete every used vhost now."""
+        names, self.used = self.used, []
+        if names:
+            self._each(names, 'ok = rabbit_vhost:delete(V, <<"tests">>)')
+
+    def _each(self, names: list[str], body: str) -> None:
+        vhosts = ", ".join(f'<<"{name}">>' for name in names)
+        self.rabbitmq_proc.rabbitctl_output("eval", f"[begin {body} end || V <- [{vhosts}]].")
+
+
+@pytest.fixture(scope="session")
+def vhosts(rabbitmq_proc: Any) -> Iterator[Vhosts]:
+    """The run's supply of fresh vhosts; the last ones are deleted at its end."""
+    supply = Vhosts(rabbitmq_proc)
+    yield supply
+    supply.used += supply.fresh
+    supply.delete_all_used()
+
+
 @pytest.fixture
-def vhost(rabbitmq_proc: Any) -> Iterator[str]:
+def vhost(vhosts: Vhosts) -> Iterator[str]:
     """A fresh vhost (the ledger's queue names are fixed, so each test gets its own)."""
-    name = f"ledger-{uuid.uuid4().hex[:10]}"
-    rabbitmq_proc.rabbitctl_output("add_vhost", name)
-    rabbitmq_proc.rabbitctl_output("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    name = vhosts.take()
     yield name
-    rabbitmq_proc.rabbitctl_output("delete_vhost", name)
+    vhosts.give_back(name)
 
 
 @pytest.fixture
