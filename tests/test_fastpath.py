@@ -190,7 +190,7 @@ def test_submit_many_names_the_pool_nobody_serves(worker, client, pool):
 
 
 def test_wait_gives_up_with_a_timeout_error(worker, client, pool):
-    handle = client.submit(JobSpec("sleep", ("5",), pool=pool))
+    handle = client.submit(JobSpec("sleep", ("1",), pool=pool))  # cannot end within 0.3 s
     with pytest.raises(JobTimeoutError):
         handle.wait(timeout_s=0.3)
     assert handle.wait(timeout_s=30).exit_code == 0
