@@ -59,8 +59,8 @@ def test_the_bench_measures_dispatch_celery_and_the_floor_and_writes_its_run(vho
     # A vhost of its own: the ledger phase's queues have fixed names.
     env = {**os.environ, "DISPATCH_BROKER_URL": vhost_url}
     run = subprocess.run(
-        [sys.executable, "-m", "bench", "--latency-jobs", "20", "--warmup", "3",
-         "--throughput-jobs", "40", "--results", str(tmp_path)],
+        [sys.executable, "-m", "bench", "--latency-jobs", "6", "--warmup", "2",
+         "--throughput-jobs", "12", "--results", str(tmp_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=220, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "| latency p50 (ms), 1 in flight" in run.stdout
@@ -68,22 +68,22 @@ def test_the_bench_measures_dispatch_celery_and_the_floor_and_writes_its_run(vho
     (written,) = tmp_path.glob("*.json")
     result = json.loads(written.read_text())
     for phase in (result["dispatch"]["throughput_2slot"], result["celery"]["throughput"]):
-        assert phase["jobs"] == 40 and phase["jobs_per_s"] > 0
+        assert phase["jobs"] == 12 and phase["jobs_per_s"] > 0
         _assert_cpu_measured(phase["cpu_ms_per_job"])
-    assert result["dispatch"]["latency"]["jobs"] == 20
+    assert result["dispatch"]["latency"]["jobs"] == 6
     assert set(result["advantage"]) == {"latency_p50", "latency_p99", "throughput"}
     # Both minimal dispatchers ran every job through their two worker processes.
     assert set(result["minimal"]) == {"bare", "protocol"}
     for variant in result["minimal"].values():
-        assert variant["latency"]["jobs"] == 20
-        assert variant["throughput"]["jobs"] == 40 and variant["throughput"]["processes"] == 2
+        assert variant["latency"]["jobs"] == 6
+        assert variant["throughput"]["jobs"] == 12 and variant["throughput"]["processes"] == 2
         _assert_cpu_measured(variant["throughput"]["cpu_ms_per_job"])
     assert "the same work by a minimal dispatcher" in run.stdout
     # The ledger phase ran the same jobs with claims on, and the ledger holds every one.
     ledger = result["ledger"]
-    assert ledger["latency"]["jobs"] == 20 and ledger["latency"]["ledger_recorded"] == 23
-    assert ledger["throughput_2slot"]["jobs"] == 40
-    assert ledger["throughput_2slot"]["ledger_recorded"] == 43
+    assert ledger["latency"]["jobs"] == 6 and ledger["latency"]["ledger_recorded"] == 8
+    assert ledger["throughput_2slot"]["jobs"] == 12
+    assert ledger["throughput_2slot"]["ledger_recorded"] == 14
     used = ledger["throughput_2slot"]["cpu_ms_per_job"]
     _assert_cpu_measured({side: used[side] for side in ("broker", "worker", "client")})
     assert used["ledger"] is not None and used["database"] is not None
@@ -96,7 +96,7 @@ def test_the_bench_measures_dispatch_celery_and_the_floor_and_writes_its_run(vho
 def _assert_cpu_measured(used: dict[str, float | None]) -> None:
     """Each side was measured: the test broker runs here, so its process was found.
 
-    How much CPU a 40-job phase shows is a sample (other processes are read in 10 ms
+    How much CPU a 12-job phase shows is a sample (other processes are read in 10 ms
     ticks): only that every side has a reading, never less than none, is guaranteed.
     """
     assert set(used) == {"broker", "worker", "client"}
