@@ -16,7 +16,8 @@
     ├── JobOutcomeError             the job's own outcome
     │   ├── JobRejectedError
     │   └── JobTimeoutError         the caller stopped waiting
-    └── ArchiveError                an archive unsafe or too big to unpack
+    ├── ArchiveError                an archive unsafe or too big to unpack
+    └── ResultNotSavedError         a final result the CLI cannot save (it stays queued)
 
 Third-party exceptions are translated into this tree at the broker edge
 (:mod:`dispatch.broker`) and nowhere else.
@@ -107,3 +108,7 @@ class JobTimeoutError(JobOutcomeError):
 
 class ArchiveError(DispatchError):
     """Raised when an archive is not a zip, or unpacking it would be unsafe."""
+
+
+class ResultNotSavedError(DispatchError):
+    """Raised when a final result cannot be saved; its reply stays queued for the next reader."""

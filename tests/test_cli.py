@@ -97,6 +97,24 @@ def test_submit_prints_the_id_then_wait_collects_the_result(worker, pool, dispat
     assert "already done" in again.stderr
 
 
+@pytest.mark.parametrize("several", [False, True], ids=["one job", "several jobs"])
+def test_a_result_wait_cannot_save_stays_queued_for_the_next_wait(worker, pool, dispatch_cli,
+                                                                  tmp_path, several):
+    ids = [dispatch_cli("submit", "--pool", pool, "--", "echo", "kept").stdout.strip()
+           for _ in range(2 if several else 1)]
+    (tmp_path / "a-file").write_text("not a directory\n")
+    failed = dispatch_cli("wait", "--out", str(tmp_path / "a-file" / "results"), *ids)
+    assert failed.returncode == 125
+    [line] = failed.stderr.strip().splitlines()[-1:]
+    assert line.startswith("dispatch: error: cannot save a result in ")
+    assert "stays on the reply queue" in line and "Traceback" not in failed.stderr
+    # The reply was never acked: the next wait, with somewhere to save, gets every result.
+    waited = dispatch_cli("wait", "--out", str(tmp_path / "saved"), *ids)
+    assert waited.returncode == 0, waited.stderr
+    for job_id in ids:
+        assert (tmp_path / "saved" / job_id / "job.out").read_text() == "kept\n"
+
+
 def test_wait_for_several_jobs_shows_progress_and_exits_nonzero_if_one_failed(
         worker, pool, dispatch_cli):
     ids = [dispatch_cli("submit", "--pool", pool, "-c", f"exit {n}").stdout.strip()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -11,8 +13,8 @@ import click
 
 from dispatch.client import Client, JobHandle
 from dispatch.config import Settings
-from dispatch.errors import InvalidJobFileError, JobTimeoutError
-from dispatch.job import JobSpec, JobState
+from dispatch.errors import InvalidJobFileError, ResultNotSavedError
+from dispatch.job import JobSpec, JobState, JobUpdate
 from dispatch.jobfile import load, parse_priority, parse_requirement_string, spec_from_fields
 from dispatch.progress import Progress
 from dispatch.result import JobResult
@@ -91,7 +93,7 @@ def submit_command(ctx: click.Context, /, first: str | None, command: tuple[str,
                 click.echo(json.dumps({"job_id": handle.job_id}))
             return
         out_dir = opts["out_dir"] or Settings.from_env().results_dir
-        code = follow(handle, out_dir, opts["timeout_s"], opts["as_json"])
+        code = follow(client, handle, out_dir, opts["timeout_s"], opts["as_json"])
     ctx.exit(code)
 
 
@@ -169,31 +171,60 @@ def _env(pairs: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def follow(handle: JobHandle, out_dir: Path, timeout_s: float | None, as_json: bool) -> int:
+class _Saver:
+    """Saves each final result before its reply is acked, so a killed CLI loses none."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.saved: dict[str, Path] = {}
+
+    def __call__(self, update: JobUpdate) -> None:
+        if update.is_final and update.state is not JobState.REJECTED:
+            self.saved[update.job_id] = output.save(JobResult(update), self.out_dir)
+
+    def take(self, client: Client, job_ids: Iterable[str],
+             timeout_s: float | None) -> JobUpdate | None:
+        """Return the next reply for ``job_ids``, its result saved first if it is final.
+
+        A result that cannot be saved leaves its reply queued for the next ``wait``.
+        """
+        try:
+            return client.next_update(job_ids, timeout_s, before_ack=self)
+        except OSError as exc:
+            raise ResultNotSavedError(
+                f"cannot save a result in {self.out_dir}: {exc.strerror or exc}; it stays "
+                "on the reply queue for the next 'dispatch wait'") from exc
+
+
+def follow(client: Client, handle: JobHandle, out_dir: Path, timeout_s: float | None,
+           as_json: bool) -> int:
     """Show a job's progress until its final reply, save the result, return its exit status."""
     progress = Progress(enabled=not as_json)
     progress.status(f"{handle.job_id}: submitted, waiting for a node")
-    try:
-        for update in handle.updates(timeout_s):
-            if update.state is JobState.RUNNING:
-                progress.status(f"{handle.job_id}: running on {update.host}")
-            elif update.state is JobState.HELD:
-                progress.status(f"{handle.job_id}: held: {update.reason}")
-            elif update.state is JobState.IDLE:
-                progress.status(f"{handle.job_id}: queued again, attempt {update.attempt}: "
-                                f"{update.reason}")
-    except JobTimeoutError as exc:
-        progress.close()
-        click.echo(f"dispatch: {exc}", err=True)
-        return EXIT_TIMEOUT
+    saver = _Saver(out_dir)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while handle.last is None or not handle.last.is_final:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        update = saver.take(client, [handle.job_id], left)
+        if update is None:
+            progress.close()
+            click.echo(f"dispatch: job {handle.job_id}: no final reply within {timeout_s}s",
+                       err=True)
+            return EXIT_TIMEOUT
+        handle.last = update
+        if update.state is JobState.RUNNING:
+            progress.status(f"{handle.job_id}: running on {update.host}")
+        elif update.state is JobState.HELD:
+            progress.status(f"{handle.job_id}: held: {update.reason}")
+        elif update.state is JobState.IDLE:
+            progress.status(f"{handle.job_id}: queued again, attempt {update.attempt}: "
+                            f"{update.reason}")
     progress.close()
-    if handle.last is None:  # pragma: no cover - updates() ends only on a final reply
-        return EXIT_TIMEOUT
-    return report(JobResult(handle.last), out_dir, as_json)
+    return report(JobResult(handle.last), out_dir, as_json, saver.saved.get(handle.job_id))
 
 
-def report(result: JobResult, out_dir: Path, as_json: bool) -> int:
-    """Save a final result, print it, and return the exit status it stands for."""
+def report(result: JobResult, out_dir: Path, as_json: bool, dest: Path | None = None) -> int:
+    """Save a final result (unless saved in ``dest``), print it, return its exit status."""
     record = output.update_record(result.update)
     if result.state is JobState.REJECTED:
         if as_json:
@@ -201,7 +232,7 @@ def report(result: JobResult, out_dir: Path, as_json: bool) -> int:
         else:
             click.echo(f"dispatch: job {result.job_id} rejected: {result.reason}", err=True)
         return 125
-    dest = output.save(result, out_dir)
+    dest = dest or output.save(result, out_dir)
     record["directory"] = str(dest)
     record.update(_deliver(result.job_id, dest, as_json))
     if as_json:
@@ -263,13 +294,15 @@ def wait_command(ctx: click.Context, job_ids: tuple[str, ...], timeout_s: float 
 def _wait_all(client: Client, job_ids: list[str], out_dir: Path, timeout_s: float | None,
               as_json: bool, *, force_bar: bool = False) -> dict[str, int]:
     if len(job_ids) == 1 and not force_bar:
-        return {job_ids[0]: follow(client.attach(job_ids[0]), out_dir, timeout_s, as_json)}
+        return {job_ids[0]: follow(client, client.attach(job_ids[0]), out_dir,
+                                      timeout_s, as_json)}
     progress = Progress(enabled=not as_json)
     statuses: dict[str, int] = {}
     left = set(job_ids)
     progress.bar(0, len(job_ids), "done")
+    saver = _Saver(out_dir)
     while left:
-        update = client.next_update(left, timeout_s)
+        update = saver.take(client, left, timeout_s)
         if update is None:
             progress.close()
             click.echo(f"dispatch: still waiting for {len(left)} job(s): {' '.join(sorted(left))}",
@@ -279,7 +312,8 @@ def _wait_all(client: Client, job_ids: list[str], out_dir: Path, timeout_s: floa
         if update.is_final:
             left.discard(update.job_id)
             progress.close()
-            statuses[update.job_id] = report(JobResult(update), out_dir, as_json)
+            statuses[update.job_id] = report(JobResult(update), out_dir, as_json,
+                                             saver.saved.pop(update.job_id, None))
             progress.bar(len(job_ids) - len(left), len(job_ids), "done")
     progress.close()
     return statuses
