@@ -65,6 +65,8 @@ class ServiceSettings:
 
 
 PURGE_EVERY_S = 3600.0
+#: How long an idle ledger waits for a message before it looks at its stop flag again.
+IDLE_WAIT_S = 0.2
 
 
 @dataclass
@@ -203,7 +205,7 @@ class LedgerService:
 
     def _fill(self, conn: kombu.Connection) -> bool:
         """Take deliveries until none is ready or the batch is full; True when drained."""
-        timeout = 1.0 if not self._inbox else 0.05
+        timeout = IDLE_WAIT_S if not self._inbox else 0.05
         while len(self._inbox) < self.settings.batch_max:
             try:
                 conn.drain_events(timeout=timeout)
