@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-jobs", type=int, default=300)
     parser.add_argument("--throughput-jobs", type=int, default=1000)
     parser.add_argument("--ledger", action="store_true", help="add a latency phase with a ledger")
+    parser.add_argument("--work-root", type=Path, default=Path("/var/tmp"),
+                        help="where snapshots and job directories go (default /var/tmp; "
+                             "/dev/shm puts job directories on tmpfs)")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--home", type=Path, help=argparse.SUPPRESS)
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.a:
         parser.error("--a REV is required")
-    work = Path(tempfile.mkdtemp(prefix="dispatch-ab-", dir="/var/tmp"))
+    work = Path(tempfile.mkdtemp(prefix="dispatch-ab-", dir=args.work_root))
     work.chmod(0o755)
     homes = {"A": _arm(work, "A", args.a), "B": _arm(work, "B", args.b)}
     kinds = [("latency", args.latency_jobs), ("throughput", args.throughput_jobs)]
