@@ -8,7 +8,8 @@ revision (``--a``, ``--b``; ``--b`` defaults to the working tree) with this tree
 client, the node and the ledger are all that arm's code. Per pair: latency (one job in
 flight, p50 and p99) and throughput (2 slots, jobs/s, with the broker's and worker's
 CPU per job), and with ``--ledger`` the latency phase again with ``dispatch ledger``
-running (on one private PostgreSQL). Prints every pair, then the medians and B/A.
+running (on one private PostgreSQL), and the throughput phase with it too. Prints every
+pair, then the medians and B/A.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from bench import cpu, dispatch_side, postgres, stats, testbed
 #: What each pair measures, and the figure of each kept for the summary.
 FIGURES = (("latency", "p50_ms"), ("latency", "p99_ms"), ("throughput", "jobs_per_s"),
            ("throughput", "broker_ms"), ("throughput", "worker_ms"),
-           ("throughput", "client_ms"), ("ledger", "p50_ms"), ("ledger", "p99_ms"))
+           ("throughput", "client_ms"), ("ledger", "p50_ms"), ("ledger", "p99_ms"),
+           ("ledger-throughput", "jobs_per_s"), ("ledger-throughput", "worker_ms"),
+           ("ledger-throughput", "broker_ms"))
 
 
 def _arm(work: Path, name: str, rev: str | None) -> Path:
@@ -67,9 +70,9 @@ def _phase(kind: str, url: str, home: Path, name: str, jobs: int, db_url: str | 
         return {**stats.throughput_figures(jobs, elapsed), "broker_ms": used.get("broker"),
                 "worker_ms": used.get("worker"), "client_ms": used.get("client")}
 
-    body = throughput if kind == "throughput" else latency
+    body = throughput if kind.endswith("throughput") else latency
     return dispatch_side.phase(url, home, name, 2, body,
-                               ledger_db=db_url if kind == "ledger" else None)
+                               ledger_db=db_url if kind.startswith("ledger") else None)
 
 
 def _run_phase(kind: str, url: str, home: Path, name: str, jobs: int,
@@ -111,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--latency-jobs", type=int, default=300)
     parser.add_argument("--throughput-jobs", type=int, default=1000)
-    parser.add_argument("--ledger", action="store_true", help="add a latency phase with a ledger")
+    parser.add_argument("--ledger", action="store_true",
+                        help="add latency and throughput phases with a ledger")
     parser.add_argument("--work-root", type=Path, default=Path("/var/tmp"),
                         help="where snapshots and job directories go (default /var/tmp; "
                              "/dev/shm puts job directories on tmpfs)")
@@ -133,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     homes = {"A": _arm(work, "A", args.a), "B": _arm(work, "B", args.b)}
     kinds = [("latency", args.latency_jobs), ("throughput", args.throughput_jobs)]
     if args.ledger:
-        kinds.append(("ledger", args.latency_jobs))
+        kinds += [("ledger", args.latency_jobs), ("ledger-throughput", args.throughput_jobs)]
     rows: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
     try:
         with ExitStack() as stack:
@@ -143,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 order = ("A", "B") if pair % 2 == 0 else ("B", "A")
                 for arm in order:
                     row = {kind: _run_phase(kind, url, homes[arm], f"{arm}{pair}-{kind}", jobs,
-                                            db_url if kind == "ledger" else None)
+                                            db_url if kind.startswith("ledger") else None)
                            for kind, jobs in kinds}
                     rows[arm].append(row)
                     print(f"pair {pair + 1} {arm}: " + ", ".join(
