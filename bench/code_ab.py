@@ -71,8 +71,9 @@ def _phase(kind: str, url: str, home: Path, name: str, jobs: int, db_url: str | 
                 "worker_ms": used.get("worker"), "client_ms": used.get("client")}
 
     body = throughput if kind.endswith("throughput") else latency
-    return dispatch_side.phase(url, home, name, 2, body,
-                               ledger_db=db_url if kind.startswith("ledger") else None)
+    figures: dict[str, Any] = dispatch_side.phase(
+        url, home, name, 2, body, ledger_db=db_url if kind.startswith("ledger") else None)
+    return figures
 
 
 def _run_phase(kind: str, url: str, home: Path, name: str, jobs: int,
