@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import cpu
+from bench import code_ab, cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -141,3 +141,29 @@ def test_the_scale_phases_run_tiny_and_measure_every_figure(vhost_url, tmp_path)
     assert all(q["plan"] for q in scale["ledger"]["queries"].values())
     assert set(scale["targets"]) == {"rss_flat_within_20MiB", "q_under_1s", "history_under_1s"}
     assert "| nodes | in flight | jobs/s |" in run.stdout
+
+
+def test_a_code_ab_arm_is_that_revisions_code_with_this_trees_bench(tmp_path):
+    home = code_ab._arm(tmp_path, "A", "HEAD")
+    src = home / "src"
+    for package in ("dispatch", "workers", "schemas", "bench"):
+        assert (src / package / ("__init__.py" if package != "schemas" else
+                                 "job-request.schema.json")).is_file()
+    committed = subprocess.run(["git", "-C", str(ROOT), "show", "HEAD:dispatch/client.py"],
+                               capture_output=True, check=True).stdout
+    assert (src / "dispatch" / "client.py").read_bytes() == committed
+    here = (ROOT / "bench" / "code_ab.py").read_bytes()
+    assert (src / "bench" / "code_ab.py").read_bytes() == here
+
+
+def test_code_ab_sums_up_each_figure_as_medians_and_b_over_a():
+    rows = {"A": [{"latency": {"p50_ms": 2.0}, "throughput": {"jobs_per_s": 500.0}},
+                  {"latency": {"p50_ms": 4.0}, "throughput": {"jobs_per_s": 700.0}}],
+            "B": [{"latency": {"p50_ms": 1.5}, "throughput": {"jobs_per_s": 660.0}},
+                  {"latency": {"p50_ms": 1.5}, "throughput": {"jobs_per_s": 540.0}}]}
+    lines = code_ab._summary(rows)
+    p50 = next(line for line in lines if line.startswith("latency p50_ms"))
+    assert p50.split()[2:] == ["3.000", "1.500", "0.500"]
+    rate = next(line for line in lines if line.startswith("throughput jobs_per_s"))
+    assert rate.split()[2:] == ["600.000", "600.000", "1.000"]
+    assert not any(line.startswith("ledger") for line in lines)  # not measured: left out
