@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import amqp
@@ -218,6 +222,47 @@ def test_a_node_with_a_listener_claims_jobs_and_reports_their_life(tap, worker, 
                 and b.get("job_id") == job_id]
     assert (exited["exit_code"], exited["host"]) == (0, result.host)
     assert exited["result_bytes"] == len(result.archive)
+
+
+def test_with_a_ledger_a_long_job_is_claimed_while_it_runs_and_one_job_waits_on_deck(
+        tap, workers, client, amqp, pool):
+    """Claims wait CLAIM_AFTER_S: a long job's comes while it runs, a short one's after it.
+
+    The node's prefetch counts jobs not yet claimed: a busy 1-slot node holds one job
+    beyond the one it runs, and the rest stay in the pool's queue for other nodes.
+    """
+    gate = Path(tempfile.mkdtemp(prefix="dispatch-gate.", dir="/var/tmp"))
+    gate.chmod(0o755)  # the job's account waits on it
+    try:
+        _claims_long_and_short(tap, workers, client, amqp, pool, gate)
+    finally:
+        shutil.rmtree(gate, ignore_errors=True)
+
+
+def _claims_long_and_short(tap: EventTap, workers: Any, client: Any, amqp: kombu.Connection,
+                           pool: str, gate: Path) -> None:
+    workers.start(pools=(pool,), slots=1)
+    long = client.submit(JobSpec("/bin/sh", ("-c", f"until [ -e {gate}/open ]; do "
+                                             "sleep 0.05; done"), pool=pool))
+    assert next(long.updates(timeout_s=30)).state is JobState.RUNNING
+    claimed = tap.job("job.claimed", long.job_id)  # while it still runs: the gate is shut
+    assert claimed["started_at"] and not (gate / "open").exists()
+    # Shorter than CLAIM_AFTER_S (0.05 s): each is claimed as it ends, after its reply.
+    quick = [client.submit(JobSpec("sleep", ("0.02",), pool=pool)) for _ in range(3)]
+    time.sleep(0.5)  # time enough for deliveries, were more allowed
+    _, ready, _ = amqp.default_channel.queue_declare(topology.pool_queue(pool), passive=True)
+    assert ready == 2  # one on deck at the node, two left for other nodes
+    (gate / "open").touch()
+    assert long.wait(timeout_s=30).exit_code == 0
+    for handle in quick:
+        result = handle.wait(timeout_s=30)
+        assert result.exit_code == 0 and result.duration_s is not None
+        claim = tap.job("job.claimed", handle.job_id)
+        exited = tap.job("job.exited", handle.job_id)
+        started = datetime.datetime.fromisoformat(claim["started_at"])
+        made = datetime.datetime.fromisoformat(claim["at"])
+        assert (made - started).total_seconds() >= result.duration_s - 0.002
+        assert tap.seen.index(claim) < tap.seen.index(exited)  # the ledger learns in order
 
 
 def test_a_job_can_publish_attributes_while_it_runs(tap, worker, client, pool):

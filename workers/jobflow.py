@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import logging
 import selectors
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +23,12 @@ from workers.replies import Settle
 from workers.spool import Packed
 
 log = logging.getLogger(__name__)
+
+#: How long a job runs before its claim goes to the ledger. A job that ends sooner is
+#: acked at its final reply's confirm, as without a ledger, and its claim follows that
+#: reply: the many short jobs add nothing to their round trip while they run, and every
+#: job that runs long enough to need a lease has one.
+CLAIM_AFTER_S = 0.05
 
 
 class JobFlow(GangMembers):
@@ -128,24 +135,35 @@ class JobFlow(GangMembers):
         self.running[request.job_id] = active
         if active.job.has_pidfd:
             self._selector.register(active.job, selectors.EVENT_READ, active)
-        if request.spec.resources.cpus > 1 and not self._claim_mode:
+        if self._claim_mode or request.spec.resources.cpus > 1:
             self._update_prefetch()
-        # The client's reply goes first: the broker handles a channel's messages in
-        # order, and the ledger's claim and event need not wait ahead of it.
         self._reply(active.env, JobState.RUNNING, b"", host=self._host(active),
                     started_at=active.job.started_at)
-        # A claim made as the job starts says so: it stands for the running event.
-        if not self._claim(active, started_at=active.job.started_at):
+        if active.delivery_tag is not None and self.announcer.claims_wanted:
+            # Claimed once it has run CLAIM_AFTER_S (or as it ends); the claim carries
+            # started_at and stands for the running event.
+            active.claim_due = time.monotonic() + CLAIM_AFTER_S
+        else:
             self._event(Event.RUNNING, active, host=self._host(active),
                         started_at=active.job.started_at)
 
-    def _claim(self, active: Active, *, started_at: str | None = None) -> bool:
+    def _claim_due(self, now: float) -> None:
+        """Claim the running jobs whose claim is due (see CLAIM_AFTER_S)."""
+        for active in list(self.running.values()):
+            if active.claim_due is not None and active.claim_due <= now:
+                active.claim_due = None
+                if active.job is not None:
+                    self._claim(active, started_at=active.job.started_at)
+
+    def _claim(self, active: Active, *, started_at: str | None = None,
+               ended: bool = False) -> bool:
         """Hand the job to the ledger's keeping: ack it once the claim is confirmed.
 
         Returns whether a claim went out. With ``started_at`` the claim also says the
         job started then (the ledger and watchers take it as the job's running event).
+        A job that ``ended`` is claimed for the ledger's record even if already acked.
         """
-        if active.delivery_tag is None or not self.announcer.claims_wanted:
+        if (active.delivery_tag is None and not ended) or not self.announcer.claims_wanted:
             return False
         message = active.message
         request = events.capture_request(message.properties, message.headers or {},
@@ -198,11 +216,16 @@ class JobFlow(GangMembers):
                   "duration_s": round(outcome.duration_s, 6)}
         reason = order.describe() if order is not None else lost_output or outcome.reason
         result_bytes = len(archive)
-        # The final reply before the event: the client waits on it, the ledger does not.
+        late_claim = active.claim_due is not None
+        active.claim_due = None
+        # The final reply before the claim and event: the client waits on it, the
+        # ledger does not.
         self._replies.send_result(active.env, state, archive,
                                   settle=lambda ok: self._settled(active, ok),
                                   reason=None if held else reason,
                                   hold_reason=reason if held else None, **result)
+        if late_claim:
+            self._claim(active, started_at=job.started_at, ended=True)
         if state is JobState.EXITED:
             self._event(Event.EXITED, active, result_bytes=result_bytes, reason=reason,
                         **result)
@@ -350,8 +373,11 @@ class JobFlow(GangMembers):
     def _ack(self, active: Active) -> None:
         """Ack a job message once, whichever of its claim or final reply settles first."""
         if active.delivery_tag is not None:
-            self._channel().basic_ack(active.delivery_tag)
-            active.delivery_tag = None
+            tag, active.delivery_tag = active.delivery_tag, None
+            if self._claim_mode:
+                # The prefetch this job held goes down before its ack (see _settled).
+                self._update_prefetch()
+            self._channel().basic_ack(tag)
 
     def _ack_if(self, ok: bool, tag: int | None, job_id: str) -> None:
         if tag is None:

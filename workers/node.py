@@ -192,6 +192,7 @@ class ExecuteNode(NodeDuties):
             self._drain(conn)
             conn.heartbeat_check()
             self._enforce_limits()
+            self._claim_due(time.monotonic())
             self._poll_without_pidfd()
             self._follow_claim_mode()
             self._gang_tick()
@@ -203,9 +204,10 @@ class ExecuteNode(NodeDuties):
                 self._on_control(self.control_inbox.popleft())
             while self.inbox:
                 self._receive(self.inbox.popleft())
-            if not self.finishing and not self._claim_mode:
-                # JobFlow._settled lowers it before each ack; this catches a job that
-                # settled without (one claimed while a ledger still listened).
+            if not self.finishing:
+                # JobFlow._settled and _ack lower it before each ack; this catches a job
+                # that settled without one (claimed while a ledger still listened, or
+                # handed back after a refused reply).
                 self._update_prefetch()
             if time.monotonic() >= self._next_heartbeat:
                 self._heartbeat()
@@ -248,6 +250,7 @@ class ExecuteNode(NodeDuties):
 
     def _timeout(self) -> float:
         deadlines = [d for a in self.running.values() if a.job and (d := a.job.next_deadline())]
+        deadlines += [a.claim_due for a in self.running.values() if a.claim_due is not None]
         timeout = 0.1 if self.config.burst else 1.0
         timeout = min(timeout, max(0.0, self._next_heartbeat - time.monotonic()))
         if any(a.job and not a.job.has_pidfd for a in self.running.values()):

@@ -91,6 +91,8 @@ class Active:
     #: The remove or hold order that stopped the job, if one did.
     order: Order | None = None
     claimed: bool = False
+    #: When (monotonic) the job is to be claimed, while its claim waits (see CLAIM_AFTER_S).
+    claim_due: float | None = None
 
 
 class NodeBase:
@@ -201,9 +203,13 @@ class NodeBase:
 
     def _prefetch(self) -> int:
         if self._claim_mode:
-            # Claimed jobs are acked, so prefetch no longer counts them: one job at a
-            # time arrives, and at most one waits for a slot.
-            return 1
+            # Claimed jobs are acked, so prefetch no longer counts them: one job beyond
+            # the unacked ones arrives at a time, and at most one waits for a slot. Jobs
+            # not claimed yet (claims wait CLAIM_AFTER_S) and jobs awaiting their final
+            # reply's confirm are still unacked: they are counted.
+            unacked = sum(1 for a in (*self.running.values(), *self.finishing.values())
+                          if a.delivery_tag is not None)
+            return 1 + unacked
         extra: int = sum(a.request.spec.resources.cpus - 1 for a in self.running.values())
         # A finished job keeps its delivery unacked until its final reply is confirmed
         # (a disk write away for a persistent reply), but no longer needs its slot: it
