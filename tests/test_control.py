@@ -242,8 +242,10 @@ def test_with_a_ledger_a_long_job_is_claimed_while_it_runs_and_one_job_waits_on_
 def _claims_long_and_short(tap: EventTap, workers: Any, client: Any, amqp: kombu.Connection,
                            pool: str, gate: Path) -> None:
     workers.start(pools=(pool,), slots=1)
-    long = client.submit(JobSpec("/bin/sh", ("-c", f"until [ -e {gate}/open ]; do "
-                                             "sleep 0.05; done"), pool=pool))
+    # It also ends once the gate is gone, so a failed test leaves no job behind.
+    long = client.submit(JobSpec("/bin/sh", ("-c", f"until [ -e {gate}/open ] || "
+                                             f"[ ! -d {gate} ]; do sleep 0.05; done"),
+                                 pool=pool))
     assert next(long.updates(timeout_s=30)).state is JobState.RUNNING
     claimed = tap.job("job.claimed", long.job_id)  # while it still runs: the gate is shut
     assert claimed["started_at"] and not (gate / "open").exists()

@@ -329,8 +329,10 @@ def test_a_busy_node_leaves_queued_jobs_for_other_nodes(workers, client, pool, a
     gate.chmod(0o755)  # the job's account waits on it
     try:
         workers.start(pools=(pool,), slots=1)
-        long = client.submit(JobSpec("/bin/sh", ("-c", f"until [ -e {gate}/open ]; do "
-                                                 "sleep 0.05; done"), pool=pool))
+        # It also ends once the gate is gone, so a failed test leaves no job behind.
+        long = client.submit(JobSpec("/bin/sh", ("-c", f"until [ -e {gate}/open ] || "
+                                                 f"[ ! -d {gate} ]; do sleep 0.05; done"),
+                                     pool=pool))
         first = next(long.updates(timeout_s=30))
         assert first.state is JobState.RUNNING
         quick = [client.submit(JobSpec("true", pool=pool)) for _ in range(2)]
