@@ -148,12 +148,21 @@ class JobFlow(GangMembers):
                         started_at=active.job.started_at)
 
     def _claim_due(self, now: float) -> None:
-        """Claim the running jobs whose claim is due (see CLAIM_AFTER_S)."""
+        """Claim the running jobs whose claim is due (see CLAIM_AFTER_S).
+
+        A job whose delivery is void (a reconnect; its redelivery not in yet) waits
+        another round, and is claimed for the record at its end at the latest.
+        """
         for active in list(self.running.values()):
-            if active.claim_due is not None and active.claim_due <= now:
-                active.claim_due = None
-                if active.job is not None:
-                    self._claim(active, started_at=active.job.started_at)
+            if active.claim_due is None or active.claim_due > now or active.job is None:
+                continue
+            if active.delivery_tag is None:
+                active.claim_due = now + CLAIM_AFTER_S
+                continue
+            active.claim_due = None
+            if not self._claim(active, started_at=active.job.started_at):
+                self._event(Event.RUNNING, active, host=self._host(active),
+                            started_at=active.job.started_at)
 
     def _claim(self, active: Active, *, started_at: str | None = None,
                ended: bool = False) -> bool:
