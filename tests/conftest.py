@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -103,8 +105,23 @@ class Workers:
         return logs[index].read_text(errors="replace")[-4000:] if logs else ""
 
     def stop_all(self) -> None:
-        """SIGTERM every worker, then SIGKILL those that do not stop."""
+        """SIGTERM every worker, then SIGKILL those that do not stop, and their jobs.
+
+        A worker SIGKILLed while a job runs (a test that failed mid-job) leaves that job
+        running: any process still working in one of these workers' job directories
+        (named ``<job>.<worker pid in hex>-<n>`` under the root) is killed too.
+        """
         stop_processes(self.procs)
+        tags = {f".{proc.pid:x}-" for proc in self.procs}
+        root = f"{self.workdir_root}/"
+        for pid in (int(name) for name in os.listdir("/proc") if name.isdigit()):
+            try:
+                cwd = os.readlink(f"/proc/{pid}/cwd")
+            except OSError:
+                continue  # gone, or not ours to read
+            if cwd.startswith(root) and any(tag in cwd[len(root):] for tag in tags):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture
