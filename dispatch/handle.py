@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 from dispatch.errors import JobTimeoutError
@@ -15,7 +15,9 @@ class UpdateSource(Protocol):
     """Where a handle takes its replies from (a :class:`dispatch.client.Client`)."""
 
     def next_update(self, job_ids: Iterable[str] | None = None,
-                    timeout_s: float | None = None) -> JobUpdate | None:
+                    timeout_s: float | None = None, *,
+                    before_ack: Callable[[JobUpdate], None] | None = None
+                    ) -> JobUpdate | None:
         """Take the next reply for one of ``job_ids``, or None after ``timeout_s``."""
 
 
@@ -30,15 +32,18 @@ class JobHandle:
     def __repr__(self) -> str:
         return f"<JobHandle {self.job_id}>"
 
-    def updates(self, timeout_s: float | None = None) -> Iterator[JobUpdate]:
+    def updates(self, timeout_s: float | None = None, *,
+                before_ack: Callable[[JobUpdate], None] | None = None) -> Iterator[JobUpdate]:
         """Yield this job's replies as they arrive, ending with the final one.
 
-        Raises JobTimeoutError when ``timeout_s`` passes before the final reply.
+        ``before_ack(update)`` runs before each reply is acked (to save a result
+        first); if it raises, the reply stays queued. Raises JobTimeoutError when
+        ``timeout_s`` passes before the final reply.
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while self.last is None or not self.last.is_final:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            update = self.client.next_update([self.job_id], left)
+            update = self.client.next_update([self.job_id], left, before_ack=before_ack)
             if update is None:
                 raise JobTimeoutError(f"job {self.job_id}: no final reply within {timeout_s}s")
             self.last = update

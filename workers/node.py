@@ -129,11 +129,9 @@ class ExecuteNode(NodeDuties):
         # A loop turn's frames (replies, claims, events, acks) go out together, just
         # before the loop waits again (dispatch.transport): one system call, not one each.
         transport = conn.connection.transport
-        if hasattr(transport, "hold_writes"):
+        if hasattr(transport, "hold_writes"):  # not TLS: py-amqp's sends each write at once
             transport.hold_writes()
             self._flush_writes = transport.flush_writes
-        else:  # TLS: py-amqp's own transport sends each write at once
-            self._flush_writes = lambda: None
         self._selector.register(sock, selectors.EVENT_READ, "amqp")
         self._next_heartbeat = 0.0
         log.info("node %s: serving %s with %d slots", self.machine.name, ", ".join(queues),
@@ -279,4 +277,3 @@ class ExecuteNode(NodeDuties):
         for active in list(self.running.values()):
             if active.job is not None and not active.job.has_pidfd:
                 self._reap(active)
-

@@ -262,6 +262,7 @@ class NodeBase:
         broker.release_quietly(self._conn)
         self._conn = None
         self._replies_now = None
+        self._flush_writes = _no_held_writes
 
 
 def _no_held_writes() -> None:

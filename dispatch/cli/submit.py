@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +12,7 @@ import click
 
 from dispatch.client import Client, JobHandle
 from dispatch.config import Settings
-from dispatch.errors import InvalidJobFileError, ResultNotSavedError
+from dispatch.errors import InvalidJobFileError, JobTimeoutError, ResultNotSavedError
 from dispatch.job import JobSpec, JobState, JobUpdate
 from dispatch.jobfile import load, parse_priority, parse_requirement_string, spec_from_fields
 from dispatch.progress import Progress
@@ -93,7 +92,7 @@ def submit_command(ctx: click.Context, /, first: str | None, command: tuple[str,
                 click.echo(json.dumps({"job_id": handle.job_id}))
             return
         out_dir = opts["out_dir"] or Settings.from_env().results_dir
-        code = follow(client, handle, out_dir, opts["timeout_s"], opts["as_json"])
+        code = follow(handle, out_dir, opts["timeout_s"], opts["as_json"])
     ctx.exit(code)
 
 
@@ -191,35 +190,39 @@ class _Saver:
         try:
             return client.next_update(job_ids, timeout_s, before_ack=self)
         except OSError as exc:
-            raise ResultNotSavedError(
-                f"cannot save a result in {self.out_dir}: {exc.strerror or exc}; it stays "
-                "on the reply queue for the next 'dispatch wait'") from exc
+            raise self.not_saved(exc) from exc
+
+    def not_saved(self, exc: OSError) -> ResultNotSavedError:
+        """Return the error a result that could not be saved is reported with."""
+        return ResultNotSavedError(
+            f"cannot save a result in {self.out_dir}: {exc.strerror or exc}; it stays "
+            "on the reply queue for the next 'dispatch wait'")
 
 
-def follow(client: Client, handle: JobHandle, out_dir: Path, timeout_s: float | None,
-           as_json: bool) -> int:
+def follow(handle: JobHandle, out_dir: Path, timeout_s: float | None, as_json: bool) -> int:
     """Show a job's progress until its final reply, save the result, return its exit status."""
     progress = Progress(enabled=not as_json)
     progress.status(f"{handle.job_id}: submitted, waiting for a node")
     saver = _Saver(out_dir)
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while handle.last is None or not handle.last.is_final:
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        update = saver.take(client, [handle.job_id], left)
-        if update is None:
-            progress.close()
-            click.echo(f"dispatch: job {handle.job_id}: no final reply within {timeout_s}s",
-                       err=True)
-            return EXIT_TIMEOUT
-        handle.last = update
-        if update.state is JobState.RUNNING:
-            progress.status(f"{handle.job_id}: running on {update.host}")
-        elif update.state is JobState.HELD:
-            progress.status(f"{handle.job_id}: held: {update.reason}")
-        elif update.state is JobState.IDLE:
-            progress.status(f"{handle.job_id}: queued again, attempt {update.attempt}: "
-                            f"{update.reason}")
+    try:
+        for update in handle.updates(timeout_s, before_ack=saver):
+            if update.state is JobState.RUNNING:
+                progress.status(f"{handle.job_id}: running on {update.host}")
+            elif update.state is JobState.HELD:
+                progress.status(f"{handle.job_id}: held: {update.reason}")
+            elif update.state is JobState.IDLE:
+                progress.status(f"{handle.job_id}: queued again, attempt {update.attempt}: "
+                                f"{update.reason}")
+    except JobTimeoutError as exc:
+        progress.close()
+        click.echo(f"dispatch: {exc}", err=True)
+        return EXIT_TIMEOUT
+    except OSError as exc:
+        progress.close()
+        raise saver.not_saved(exc) from exc
     progress.close()
+    if handle.last is None:  # pragma: no cover - updates() ends only on a final reply
+        return EXIT_TIMEOUT
     return report(JobResult(handle.last), out_dir, as_json, saver.saved.get(handle.job_id))
 
 
@@ -294,8 +297,7 @@ def wait_command(ctx: click.Context, job_ids: tuple[str, ...], timeout_s: float 
 def _wait_all(client: Client, job_ids: list[str], out_dir: Path, timeout_s: float | None,
               as_json: bool, *, force_bar: bool = False) -> dict[str, int]:
     if len(job_ids) == 1 and not force_bar:
-        return {job_ids[0]: follow(client, client.attach(job_ids[0]), out_dir,
-                                      timeout_s, as_json)}
+        return {job_ids[0]: follow(client.attach(job_ids[0]), out_dir, timeout_s, as_json)}
     progress = Progress(enabled=not as_json)
     statuses: dict[str, int] = {}
     left = set(job_ids)
