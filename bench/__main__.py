@@ -145,7 +145,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "celery": celery,
         "minimal": floor,
         "advantage": advantage,
-        "targets": report.targets(dispatch, advantage, ledger),
+        "targets": report.targets(dispatch, advantage, ledger, floor),
     }
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import code_ab, cpu
+from bench import code_ab, cpu, report
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,6 +54,27 @@ def test_per_job_figures_divide_the_difference_and_keep_unknowns_unknown():
     assert cpu.per_job_ms(before, after, 1000) == {"broker": None, "worker": 2.0, "client": 0.5}
 
 
+def test_issue_16s_targets_are_ratios_within_one_run():
+    dispatch = {"latency": {"p50_ms": 2.0, "p99_ms": 3.0},
+                "throughput_2slot": {"jobs_per_s": 750.0}}
+    celery = {"latency": {"p50_ms": 3.7, "p99_ms": 5.5}, "throughput": {"jobs_per_s": 500.0}}
+    ledger = {"latency": {"p50_ms": 2.4, "p99_ms": 4.0},
+              "throughput_2slot": {"jobs_per_s": 400.0}}
+    floor = {"bare": {"throughput": {"jobs_per_s": 1000.0}}}
+    met = report.targets(dispatch, report.ratios(dispatch, celery), ledger, floor)
+    assert met["throughput>=1.5x_celery"] and met["throughput>=0.75x_bare"]
+    assert met["p50>=1.8x_celery"] and met["p99>=1.8x_celery"]
+    assert met["ledger_p50<=1.25x_no_ledger"]  # 2.4 / 2.0 = 1.2
+    floor["bare"]["throughput"]["jobs_per_s"] = 1001.0
+    celery["latency"]["p99_ms"] = 5.3
+    met = report.targets(dispatch, report.ratios(dispatch, celery), ledger, floor)
+    assert not met["throughput>=0.75x_bare"] and not met["p99>=1.8x_celery"]
+    assert met["p50>=1.8x_celery"]
+    # Without Celery or the floor, their targets are not judged at all.
+    assert set(report.targets(dispatch, None)) == {"p50_ms<=2.0", "p99_ms<=4",
+                                                   "jobs_per_s>=800"}
+
+
 def test_the_bench_measures_dispatch_celery_and_the_floor_and_writes_its_run(vhost_url,
                                                                             tmp_path):
     # A vhost of its own: the ledger phase's queues have fixed names.
@@ -89,6 +110,8 @@ def test_the_bench_measures_dispatch_celery_and_the_floor_and_writes_its_run(vho
     assert used["ledger"] is not None and used["database"] is not None
     assert set(result["ledger_ratio"]) == {"latency_p50", "latency_p99", "throughput"}
     assert "ledger_p50<=1.25x_no_ledger" in result["targets"]
+    assert {"p50>=1.8x_celery", "p99>=1.8x_celery",
+            "throughput>=0.75x_bare"} <= set(result["targets"])
     assert "with a ledger (claims and events on)" in run.stdout
     assert "| throughput (jobs/s), 2 at once" in run.stdout.split("minimal dispatcher")[1]
 

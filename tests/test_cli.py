@@ -125,7 +125,8 @@ def test_wait_for_several_jobs_shows_progress_and_exits_nonzero_if_one_failed(
 
 
 def test_listen_prints_every_update_and_saves_results(worker, pool, dispatch_cli, tmp_path):
-    ids = [dispatch_cli("submit", "--pool", pool, "--", "echo", str(n)).stdout.strip()
+    # Each runs longer than the node's --running-after (0.05 s): it says Running too.
+    ids = [dispatch_cli("submit", "--pool", pool, "-c", f"sleep 0.2; echo {n}").stdout.strip()
            for n in range(3)]
     run = dispatch_cli("listen", "--until-idle", "--idle-s", "3")
     assert run.returncode == 0, run.stderr
@@ -137,10 +138,13 @@ def test_listen_prints_every_update_and_saves_results(worker, pool, dispatch_cli
 
 
 def test_listen_json_prints_one_object_per_update(worker, pool, dispatch_cli):
-    job_id = dispatch_cli("submit", "--pool", pool, "--", "true").stdout.strip()
+    short = dispatch_cli("submit", "--pool", pool, "--", "true").stdout.strip()
+    long = dispatch_cli("submit", "--pool", pool, "--", "sleep", "0.2").stdout.strip()
     run = dispatch_cli("listen", "--until-idle", "--idle-s", "3", "--json")
     records = [json.loads(line) for line in run.stdout.splitlines()]
-    assert [r["state"] for r in records if r["job_id"] == job_id] == ["Running", "Exited"]
+    # A job shorter than the node's --running-after gets no Running reply.
+    assert [r["state"] for r in records if r["job_id"] == short] == ["Exited"]
+    assert [r["state"] for r in records if r["job_id"] == long] == ["Running", "Exited"]
 
 
 def test_an_unknown_pool_is_a_one_line_error(dispatch_cli):

@@ -429,7 +429,7 @@ def test_every_dispatch_variable_handed_to_a_container_is_read_by_the_code_or_it
 
 #: What only ``dispatch worker`` reads from its environment.
 WORKER = {"DISPATCH_NODE_HEARTBEAT_S", "DISPATCH_CGROUP_ROOT", "DISPATCH_JOB_PIDS_MAX",
-          "DISPATCH_MODULES_DIR", "DISPATCH_SSH_HOSTS"}
+          "DISPATCH_MODULES_DIR", "DISPATCH_SSH_HOSTS", "DISPATCH_RUNNING_AFTER_S"}
 
 
 def test_the_table_lists_what_the_code_reads_and_nothing_that_nothing_reads():

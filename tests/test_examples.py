@@ -84,7 +84,9 @@ def test_the_shell_producer_saves_the_zip_of_the_exited_job_and_deletes_its_repl
     # (a header) cannot be seen from the shell at all.
     assert out["state"] == "Exited"
     assert out["job_id"].startswith("sh-")
-    assert out["replies"] == "1"  # the empty-bodied Running reply came first
+    # No empty-bodied Running reply came first: the job ended within the node's
+    # --running-after, so its Exited reply was its only one.
+    assert out["replies"] == "0"
     files = read_zip(result)
     assert files["job.out"] == "hello from the shell\n"
     assert files["job.err"] == ""
@@ -116,7 +118,8 @@ def test_the_node_producer_sends_typed_headers_and_an_input_zip_and_gets_the_exi
     assert summary["exitCode"] == 0
     assert summary["host"]
     assert summary["result"] == str(result)
-    assert '"JobState":"Running"' in proc.stderr  # replies are logged as they come
+    assert '"JobState":"Exited"' in proc.stderr  # replies are logged as they come
+    assert '"StartedAt":' in proc.stderr
     files = read_zip(result)
     # GREETING came through as a table, the -c script as one array item, input.txt as stdin.
     assert files["job.out"] == "hello from node\nDISPATCH FROM NODE\n"

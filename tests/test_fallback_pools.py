@@ -79,9 +79,10 @@ def test_a_job_for_a_pool_with_no_node_runs_on_the_live_fallback_and_says_so(
     with Client(vhost_url) as client:
         handle = client.submit(JobSpec("true", pool=a))
         updates = list(handle.updates(timeout_s=60))
-    # Serial jobs try C first: it has no node, so B it is. One run, one result.
-    assert [(u.state, u.attempt) for u in updates] == [
-        (JobState.IDLE, 1), (JobState.RUNNING, 1), (JobState.EXITED, 1)]
+    # Serial jobs try C first: it has no node, so B it is. One run, one result (no
+    # Running reply: /bin/true ends within the node's --running-after; the ledger still
+    # records it running, below).
+    assert [(u.state, u.attempt) for u in updates] == [(JobState.IDLE, 1), (JobState.EXITED, 1)]
     assert updates[0].reason == f"rerouted from {a} to {b}: no live node in {a} for 2s"
     assert (updates[-1].host, updates[-1].exit_code) == ("bee", 0)
     record = ledger_service.wait_for(
@@ -173,7 +174,7 @@ def test_a_job_the_ledger_never_saw_is_rerouted_by_what_its_message_carries(
         reply = wire.get(replies, timeout_s=60)
         states.append(reply.headers[headers.JOB_STATE])
         job_id = reply.properties["message_id"]
-    assert states == ["Idle", "Running", "Exited"]
+    assert states == ["Idle", "Exited"]  # too short for a Running reply
     assert wire.depth(topology.pool_queue(a)) == 0
     record = ledger_service.wait_for(
         lambda led: (r := led.job(job_id)) and r.state is LedgerState.EXITED and r)

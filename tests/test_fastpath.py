@@ -38,13 +38,30 @@ def test_an_echo_job_runs_and_its_working_directory_comes_back(worker, client, p
     assert (tmp_path / "out" / "job.out").read_text() == "hi there\n"
 
 
-def test_status_updates_arrive_running_then_exited_with_timestamps(worker, client, pool):
-    handle = client.submit(JobSpec("true", pool=pool))
-    states = [(u.state, u) for u in handle.updates(timeout_s=30)]
-    assert [s for s, _ in states] == [JobState.RUNNING, JobState.EXITED]
-    running = states[0][1]
+def test_a_job_that_runs_a_while_says_running_then_exited_with_its_start(worker, client, pool):
+    handle = client.submit(JobSpec("sleep", ("0.5",), pool=pool))
+    running, final = list(handle.updates(timeout_s=30))
+    assert (running.state, final.state) == (JobState.RUNNING, JobState.EXITED)
     assert running.started_at and running.started_at.endswith("+00:00")
-    assert running.host == states[1][1].host
+    assert final.started_at == running.started_at  # the final reply says it too
+    assert running.host == final.host and final.duration_s >= 0.5
+
+
+def test_a_job_shorter_than_running_after_gets_only_its_final_reply(workers, client, pool):
+    """The default --running-after (0.05 s): /bin/true ends long before it, so no Running."""
+    first = workers.start(pools=(pool,))
+    updates = [list(client.submit(JobSpec("true", pool=pool)).updates(timeout_s=30))
+               for _ in range(5)]
+    assert [[u.state for u in job] for job in updates] == [[JobState.EXITED]] * 5
+    for (final,) in updates:
+        assert final.started_at and final.started_at.endswith("+00:00") and final.host
+    first.terminate()
+    assert first.wait(timeout=20) == 0
+    # With --running-after 0 every job says Running as it starts, however short.
+    workers.start("--running-after", "0", pools=(pool,))
+    running, final = list(client.submit(JobSpec("true", pool=pool)).updates(timeout_s=30))
+    assert (running.state, final.state) == (JobState.RUNNING, JobState.EXITED)
+    assert running.started_at == final.started_at
 
 
 def test_a_failing_job_reports_its_exit_code_and_stderr(worker, client, pool, tmp_path):
@@ -236,8 +253,9 @@ def test_a_job_that_does_not_fit_now_waits_for_a_slot(workers, client, pool):
     workers.start(pools=(pool,), slots=2)
     one = client.submit(JobSpec("sleep", ("0.5",), pool=pool)).job_id
     two = client.submit(JobSpec("true", resources=Resources(cpus=2), pool=pool)).job_id
-    assert _arrivals(client, 4) == [(one, JobState.RUNNING), (one, JobState.EXITED),
-                                    (two, JobState.RUNNING), (two, JobState.EXITED)]
+    # /bin/true ends within the node's --running-after: no Running reply for it.
+    assert _arrivals(client, 3) == [(one, JobState.RUNNING), (one, JobState.EXITED),
+                                    (two, JobState.EXITED)]
 
 
 def test_higher_priority_jobs_run_first(workers, client, pool):
@@ -246,8 +264,8 @@ def test_higher_priority_jobs_run_first(workers, client, pool):
     proc.wait(timeout=15)
     ids = {p: client.submit(JobSpec("true", priority=p, pool=pool)).job_id for p in (1, 5, 9)}
     workers.start(pools=(pool,), slots=1)
-    started = [job for job, state in _arrivals(client, 6) if state is JobState.RUNNING]
-    assert started == [ids[9], ids[5], ids[1]]
+    ended = [job for job, state in _arrivals(client, 3) if state is JobState.EXITED]
+    assert ended == [ids[9], ids[5], ids[1]]  # one slot: each ends before the next starts
 
 
 def test_sigterm_lets_running_jobs_finish_and_stops_taking_new_ones(workers, client, pool):

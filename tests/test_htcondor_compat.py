@@ -18,8 +18,9 @@ def test_the_low_latency_example_topology_and_quoted_headers_work_unchanged(work
     # result queue bound to amq.direct with my_grid_results_key.
     queue = f"grid-{uuid.uuid4().hex[:6]}"
     key = f"grid_key-{queue}"
+    # --running-after 0: every job says Running as it starts, as the example's node does.
     workers.start("--exchange", "amq.direct", "--routing-key", key, "--queue", queue,
-                  wait_for=queue)
+                  "--running-after", "0", wait_for=queue)
     results = f"my_grid_results-{uuid.uuid4().hex[:6]}"
     channel = amqp.channel()
     channel.queue_declare(results, durable=False, auto_delete=False)
@@ -53,7 +54,8 @@ def test_a_producer_that_cannot_set_message_id_may_send_jobid(worker, amqp, pool
     channel = amqp.channel()
     channel.queue_declare(results, durable=True, auto_delete=False)
     channel.close()
-    publish_job(amqp, pool, {"Cmd": "true", "JobId": "from-a-header"}, reply_to=results)
+    publish_job(amqp, pool, {"Cmd": "sleep", "Arguments": "0.2", "JobId": "from-a-header"},
+                reply_to=results)
     running, exited = get_messages(amqp, results, 2)
     assert headers_of(running)["JobId"] == headers_of(exited)["JobId"] == "from-a-header"
     assert exited.properties["correlation_id"] == "from-a-header"
@@ -64,7 +66,7 @@ def test_a_job_with_no_id_gets_one_assigned_and_reported_in_every_reply(worker, 
     channel = amqp.channel()
     channel.queue_declare(results, durable=True, auto_delete=False)
     channel.close()
-    publish_job(amqp, pool, {"Cmd": "true"}, reply_to=results)
+    publish_job(amqp, pool, {"Cmd": "sleep", "Arguments": "0.2"}, reply_to=results)
     running, exited = get_messages(amqp, results, 2)
     assigned = headers_of(running)["JobId"]
     assert uuid.UUID(assigned)

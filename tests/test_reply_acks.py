@@ -67,7 +67,9 @@ def test_a_running_reply_is_acked_with_its_final_so_a_killed_client_leaves_nothi
         worker, broker_url, pool):
     client_id = uuid.uuid4().hex[:16]
     with Client(broker_url, client_id=client_id) as submitter:
-        job_id = submitter.submit(JobSpec("true", pool=pool)).job_id
+        # Long enough for a Running reply (the node's --running-after is 0.05 s), short
+        # enough that the final follows within the client's ACK_DEFER_S.
+        job_id = submitter.submit(JobSpec("sleep", ("0.2",), pool=pool)).job_id
     # Killed at once after taking the final: no time for a deferred ack on its own.
     taken = _take_then_die(broker_url, client_id, job_id, JobState.EXITED, pump_s=0)
     assert taken == ["Running", "Exited"]

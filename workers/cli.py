@@ -16,6 +16,7 @@ from dispatch.chunks import DEFAULT_MAX_RESULT_BYTES
 from dispatch.config import DEFAULT_BROKER_URL
 from dispatch.quantity import parse_size_mib
 from workers.node import ExecuteNode, NodeConfig
+from workers.nodebase import RUNNING_AFTER_S
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,10 @@ MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 @click.option("--heartbeat-interval", type=click.FloatRange(min=0.1), default=10.0,
               show_default=True, envvar="DISPATCH_NODE_HEARTBEAT_S", show_envvar=True,
               help="Seconds between node heartbeats; a claimed job's lease is three of them.")
+@click.option("--running-after", type=click.FloatRange(min=0), default=RUNNING_AFTER_S,
+              show_default=True, envvar="DISPATCH_RUNNING_AFTER_S", show_envvar=True,
+              help="Seconds a job runs before its Running reply is sent; a job that ends "
+              "sooner gets only its final reply (0: as each job starts).")
 @click.option("--admin", "admins", multiple=True, metavar="USER", envvar="DISPATCH_ADMINS",
               show_envvar=True, help="Broker user whose control messages this node obeys "
               "besides its own (repeatable; the variable is comma-separated).")
@@ -80,7 +85,8 @@ MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 def worker(broker: str, pools: tuple[str, ...], slots: int | None, memory: str | None,
            exchange: str | None, routing_key: str | None, queue: str | None,
            workdir_root: Path, user: str, groups: tuple[str, ...], name: str | None,
-           kill_grace: float, heartbeat_interval: float, admins: tuple[str, ...],
+           kill_grace: float, heartbeat_interval: float, running_after: float,
+           admins: tuple[str, ...],
            max_result_bytes: int, spool_dir: Path | None, ssh_hosts: Path | None,
            ssh_address: str | None, ssh_user: str | None, ssh_authorized_keys: Path | None,
            ssh_host_key: Path | None, burst: bool, describe: bool) -> None:
@@ -109,6 +115,7 @@ def worker(broker: str, pools: tuple[str, ...], slots: int | None, memory: str |
         kill_grace_s=kill_grace,
         burst=burst,
         heartbeat_interval_s=heartbeat_interval,
+        running_after_s=running_after,
         admins=tuple(a.strip() for value in admins for a in value.split(",") if a.strip()),
         max_result_bytes=max_result_bytes,
         spool_dir=spool_dir,

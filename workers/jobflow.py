@@ -137,8 +137,9 @@ class JobFlow(GangMembers):
             self._selector.register(active.job, selectors.EVENT_READ, active)
         if self._claim_mode or request.spec.resources.cpus > 1:
             self._update_prefetch()
-        self._reply(active.env, JobState.RUNNING, b"", host=self._host(active),
-                    started_at=active.job.started_at)
+        active.running_due = time.monotonic() + self.config.running_after_s
+        if self.config.running_after_s <= 0:
+            self._send_running(active)
         if active.delivery_tag is not None and self.announcer.claims_wanted:
             # Claimed once it has run CLAIM_AFTER_S (or as it ends); the claim carries
             # started_at and stands for the running event.
@@ -147,13 +148,22 @@ class JobFlow(GangMembers):
             self._event(Event.RUNNING, active, host=self._host(active),
                         started_at=active.job.started_at)
 
-    def _claim_due(self, now: float) -> None:
-        """Claim the running jobs whose claim is due (see CLAIM_AFTER_S).
+    def _send_running(self, active: Active) -> None:
+        """Tell the client its job runs (once; advisory, not confirmed)."""
+        active.running_due = None
+        if active.job is not None:
+            self._reply(active.env, JobState.RUNNING, b"", host=self._host(active),
+                        started_at=active.job.started_at)
 
-        A job whose delivery is void (a reconnect; its redelivery not in yet) waits
-        another round, and is claimed for the record at its end at the latest.
+    def _notices_due(self, now: float) -> None:
+        """Send the Running replies and claims of the running jobs that are due.
+
+        A claim whose job's delivery is void (a reconnect; its redelivery not in yet)
+        waits another round, and is made for the record at the job's end at the latest.
         """
         for active in list(self.running.values()):
+            if active.running_due is not None and active.running_due <= now:
+                self._send_running(active)
             if active.claim_due is None or active.claim_due > now or active.job is None:
                 continue
             if active.delivery_tag is None:
@@ -220,6 +230,9 @@ class JobFlow(GangMembers):
         state = JobState.HELD if held else JobState.REMOVED if outcome.removed else JobState.EXITED
         log.debug("job %s: %s code=%s signal=%s in %.3fs", request.job_id, state.value,
                   outcome.exit_code, outcome.exit_signal, outcome.duration_s)
+        # A job that ended before its Running reply was due gets none: the final
+        # reply says when it started.
+        active.running_due = None
         result = {"host": self._host(active), "exit_code": outcome.exit_code,
                   "exit_by_signal": outcome.exit_by_signal, "exit_signal": outcome.exit_signal,
                   "duration_s": round(outcome.duration_s, 6)}
@@ -232,7 +245,8 @@ class JobFlow(GangMembers):
         self._replies.send_result(active.env, state, archive,
                                   settle=lambda ok: self._settled(active, ok),
                                   reason=None if held else reason,
-                                  hold_reason=reason if held else None, **result)
+                                  hold_reason=reason if held else None,
+                                  started_at=job.started_at, **result)
         if late_claim:
             self._claim(active, started_at=job.started_at, ended=True)
         if state is JobState.EXITED:

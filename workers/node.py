@@ -190,7 +190,7 @@ class ExecuteNode(NodeDuties):
             self._drain(conn)
             conn.heartbeat_check()
             self._enforce_limits()
-            self._claim_due(time.monotonic())
+            self._notices_due(time.monotonic())
             self._poll_without_pidfd()
             self._follow_claim_mode()
             self._gang_tick()
@@ -248,7 +248,8 @@ class ExecuteNode(NodeDuties):
 
     def _timeout(self) -> float:
         deadlines = [d for a in self.running.values() if a.job and (d := a.job.next_deadline())]
-        deadlines += [a.claim_due for a in self.running.values() if a.claim_due is not None]
+        deadlines += [d for a in self.running.values()
+                      for d in (a.claim_due, a.running_due) if d is not None]
         timeout = 0.1 if self.config.burst else 1.0
         timeout = min(timeout, max(0.0, self._next_heartbeat - time.monotonic()))
         if any(a.job and not a.job.has_pidfd for a in self.running.values()):

@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 
 RECENT_JOBS = 4096
 
+#: How long a job runs before its Running reply goes out (``--running-after``). A job
+#: that ends sooner gets only its final reply, which says when it started: a client
+#: waiting on many short jobs takes one message a job, not two.
+RUNNING_AFTER_S = 0.05
+
 
 @dataclass(frozen=True)
 class NodeConfig:
@@ -71,6 +76,8 @@ class NodeConfig:
     ssh_user: str | None = None
     ssh_authorized_keys: Path | None = None
     ssh_host_key: Path | None = None
+    #: Seconds a job runs before its Running reply is sent (0: as it starts).
+    running_after_s: float = RUNNING_AFTER_S
 
     @property
     def lease_s(self) -> float:
@@ -93,6 +100,8 @@ class Active:
     claimed: bool = False
     #: When (monotonic) the job is to be claimed, while its claim waits (see CLAIM_AFTER_S).
     claim_due: float | None = None
+    #: When (monotonic) its Running reply is due, until it is sent (NodeConfig.running_after_s).
+    running_due: float | None = None
 
 
 class NodeBase:
