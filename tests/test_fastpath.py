@@ -19,7 +19,7 @@ from dispatch.client import Client
 from dispatch.errors import ArchiveError, JobTimeoutError, UnroutableError
 from dispatch.job import JobSpec, JobState, JobUpdate, Resources
 from dispatch.result import JobResult
-from workers.runner import remove_tree
+from workers.runner import MAX_UNTIDY, Runner, remove_tree
 
 from amqp_helpers import dead_letter_of, publish_job
 
@@ -364,6 +364,52 @@ def test_a_busy_node_leaves_queued_jobs_for_other_nodes(workers, client, pool, a
         assert long.wait(timeout_s=30).exit_code == 0
     finally:
         shutil.rmtree(gate, ignore_errors=True)
+
+
+def test_a_finished_jobs_directory_goes_once_the_node_is_idle(workers, client, pool):
+    root = Path(tempfile.mkdtemp(prefix="dispatch-own-root.", dir="/var/tmp"))
+    root.chmod(0o755)  # the unprivileged job account must reach its directories
+    try:
+        workers.start("--workdir-root", str(root), pools=(pool,))
+        result = client.submit(JobSpec("sh", ("-c", "echo x > f"), pool=pool)).wait(
+            timeout_s=30)
+        assert result.exit_code == 0
+        # The node removes it after the reply, when nothing else waits: it is idle now.
+        deadline = time.monotonic() + 10
+        while [p for p in root.iterdir() if not p.name.startswith(".")]:  # the node's own
+            assert time.monotonic() < deadline, list(root.iterdir())
+            time.sleep(0.02)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+class _Finished:
+    """What Runner.cleanup reads of a finished job: its directory and zip listing."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.listing = ("job.out",)
+        (workdir / "job.out").write_text("x")
+
+    def release(self) -> None:
+        """No cgroups here."""
+
+
+def test_a_busy_runner_keeps_at_most_max_untidy_directories_and_tidy_removes_them(
+        tmp_path: Path):
+    runner = Runner(tmp_path / "root", None)
+    dirs = [runner._new_workdir(f"job{n}") for n in range(MAX_UNTIDY + 2)]
+    for workdir in dirs:
+        runner.cleanup(_Finished(workdir))  # type: ignore[arg-type]
+    # Never idle in between: beyond MAX_UNTIDY, the oldest went at once.
+    assert [d.exists() for d in dirs] == [False, False] + [True] * MAX_UNTIDY
+    assert runner.untidy
+    runner.tidy()
+    assert not runner.untidy and not any(d.exists() for d in dirs)
+    last = runner._new_workdir("last")
+    runner.cleanup(_Finished(last))  # type: ignore[arg-type]
+    runner.close()  # a stopping node leaves none behind
+    assert not last.exists()
 
 
 def test_removing_a_job_directory_copes_with_files_made_after_its_listing(tmp_path: Path):

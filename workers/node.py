@@ -179,7 +179,7 @@ class ExecuteNode(NodeDuties):
         cancelled = False
         while True:
             self._flush_writes()
-            ready = [key.data for key, _ in self._selector.select(self._timeout())]
+            ready = self._wait_ready()
             if "wake" in ready:
                 os.read(self._wake_r, 512)
             if "chirp" in ready:
@@ -212,6 +212,18 @@ class ExecuteNode(NodeDuties):
             if self._finished(cancelled):
                 self._flush_writes()
                 return
+
+    def _wait_ready(self) -> list[Any]:
+        """Wait for what the loop serves next; finished jobs' directories go meanwhile.
+
+        Only while nothing is ready: a job or reply that came in goes first.
+        """
+        if self.runner.untidy:
+            ready = self._selector.select(0)
+            if ready:
+                return [key.data for key, _ in ready]
+            self.runner.tidy()
+        return [key.data for key, _ in self._selector.select(self._timeout())]
 
     def _finished(self, cancelled: bool) -> bool:
         idle = (not self.running and not self.gang_holds and not self._gang_deferred

@@ -242,6 +242,11 @@ class RemoteRunner(Runner):
         job.output.seek(0)
         return job.output.read()
 
+    @property
+    def untidy(self) -> bool:
+        """Return False: no job directory is kept here (the host removes its own)."""
+        return False
+
     def cleanup(self, job: RunningJob) -> None:
         """Give the host's slots back and free what the job held here."""
         if isinstance(job, RemoteJob):
