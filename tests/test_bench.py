@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import code_ab, cpu, report
+from bench import code_ab, cpu, minimal, report
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,6 +52,16 @@ def test_per_job_figures_divide_the_difference_and_keep_unknowns_unknown():
     before = cpu.Reading(broker_s=None, worker_s=1.0, client_s=2.0)
     after = cpu.Reading(broker_s=None, worker_s=3.0, client_s=2.5)
     assert cpu.per_job_ms(before, after, 1000) == {"broker": None, "worker": 2.0, "client": 0.5}
+
+
+def test_the_protocol_floor_keeps_dispatchs_guarantees_for_a_short_job():
+    # A short job has no Running reply in Dispatch's protocol, so the floor sends none;
+    # a variant may still name it.
+    assert minimal.features("protocol") == {"priority", "submit-confirms", "reply-confirms"}
+    assert minimal.features("bare") == frozenset()
+    assert minimal.features("reply-confirms+running") == {"reply-confirms", "running"}
+    with pytest.raises(ValueError, match="unknown variant"):
+        minimal.features("reply-confirms+gzip")
 
 
 def test_issue_16s_targets_are_ratios_within_one_run():
