@@ -2,6 +2,11 @@
 
 Prints a table of latency and throughput figures with Dispatch's advantage over
 Celery, and writes the run as JSON to ``bench/results/<timestamp>.json``.
+
+With ``--rounds N`` every system is measured N times, in turns (the order reversed
+every other round), and the run reports each figure's median over the rounds and each
+ratio's median over the rounds' own ratios: on a shared machine whose speed drifts
+within minutes, a ratio taken within a round cancels most of the drift.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +43,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="untimed jobs before each timed phase (default: 50)")
     parser.add_argument("--throughput-jobs", type=int, default=2000,
                         help="jobs in flight at once (default: 2000)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every system this many times, in turns, and report "
+                             "medians (default: 1)")
     parser.add_argument("--skip-celery", action="store_true", help="leave Celery out")
     parser.add_argument("--skip-floor", action="store_true",
                         help="leave out the minimal dispatchers (bench/minimal.py)")
@@ -119,19 +128,38 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     source = _source()
     if args.scale:
         return _scale_run(args, work, now, source)
+    phases: dict[str, Callable[[str, Path], dict[str, Any] | None]] = {
+        "dispatch": lambda url, at: dispatch_side.measure(url, at, **sizes),
+        "ledger": lambda url, at: _ledger_phase(args, url, at, sizes),
+        "celery": lambda url, at: None if args.skip_celery else celery_side.measure(
+            url, at, **sizes),
+        "minimal": lambda url, at: None if args.skip_floor else minimal.measure(
+            url, at, **sizes),
+    }
+    rounds: list[dict[str, Any]] = []
     with testbed.broker_url() as (url, where):
         print(f"bench: broker from {where}; work in {work}", file=sys.stderr)
         machine = {**_machine(url), "broker_source": where}
         load = {"start": _load()}
-        dispatch = dispatch_side.measure(url, work, **sizes)
-        load["after_dispatch"] = _load()
-        ledger = _ledger_phase(args, url, work, sizes)
-        load["after_ledger"] = _load()
-        celery = None if args.skip_celery else celery_side.measure(url, work, **sizes)
-        load["after_celery"] = _load()
-        floor = None if args.skip_floor else minimal.measure(url, work, **sizes)
+        for number in range(args.rounds):
+            order = list(phases) if number % 2 == 0 else list(reversed(phases))
+            at = work
+            if args.rounds > 1:  # logs and job directories of its own, the same snapshot
+                at = work / f"round-{number + 1}"
+                at.mkdir(mode=0o755)
+                (at / "src").symlink_to(work / "src")
+            measured = {}
+            for name in order:
+                measured[name] = phases[name](url, at)
+                load[f"after_{name}" + (f"_{number + 1}" if args.rounds > 1 else "")] = _load()
+            rounds.append(measured)
         load["end"] = _load()
-    advantage = None if celery is None else report.ratios(dispatch, celery)
+    per_round = [report.round_ratios(r["dispatch"], r["celery"], r["ledger"], r["minimal"])
+                 for r in rounds]
+    dispatch, ledger, celery, floor = (report.median_figures([r[name] for r in rounds])
+                                       for name in phases)
+    ratios = report.median_figures(per_round)
+    advantage = ratios.get("advantage")
     return {
         "timestamp": now.strftime("%Y%m%dT%H%M%SZ"),
         "date": now.isoformat(timespec="seconds"),
@@ -141,11 +169,15 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "sizes": sizes,
         "dispatch": dispatch,
         "ledger": ledger,
-        "ledger_ratio": None if ledger is None else report.ledger_ratios(dispatch, ledger),
+        "ledger_ratio": ratios.get("ledger_ratio"),
         "celery": celery,
         "minimal": floor,
         "advantage": advantage,
-        "targets": report.targets(dispatch, advantage, ledger, floor),
+        "of_bare": ratios.get("of_bare"),
+        "rounds": args.rounds,
+        "per_round": per_round if args.rounds > 1 else None,
+        "targets": report.targets(dispatch, advantage, ratios.get("ledger_ratio"),
+                                  ratios.get("of_bare")),
     }
 
 
@@ -191,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     floor = report.floor_table(result)
     if floor:
         print("\nthe same work by a minimal dispatcher (bench/minimal.py):\n" + floor)
+    if result["per_round"]:
+        print(f"\n{result['rounds']} rounds (figures above: medians; ratios: medians of "
+              "each round's):\n" + report.rounds_table(result["per_round"]))
     print("targets:\n" + report.verdicts(result))
     print(f"load average (1/5/15 min): {result['load_average_1_5_15min']}")
     print(f"written to {path}")

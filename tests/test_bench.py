@@ -71,18 +71,34 @@ def test_issue_16s_targets_are_ratios_within_one_run():
     ledger = {"latency": {"p50_ms": 2.4, "p99_ms": 4.0},
               "throughput_2slot": {"jobs_per_s": 400.0}}
     floor = {"bare": {"throughput": {"jobs_per_s": 1000.0}}}
-    met = report.targets(dispatch, report.ratios(dispatch, celery), ledger, floor)
+    ratios = report.round_ratios(dispatch, celery, ledger, floor)
+    assert ratios["of_bare"] == 0.75 and ratios["ledger_ratio"]["latency_p50"] == 1.2
+    met = report.targets(dispatch, ratios["advantage"], ratios["ledger_ratio"],
+                         ratios["of_bare"])
     assert met["throughput>=1.5x_celery"] and met["throughput>=0.75x_bare"]
     assert met["p50>=1.8x_celery"] and met["p99>=1.8x_celery"]
-    assert met["ledger_p50<=1.25x_no_ledger"]  # 2.4 / 2.0 = 1.2
-    floor["bare"]["throughput"]["jobs_per_s"] = 1001.0
+    assert met["ledger_p50<=1.25x_no_ledger"]
+    floor["bare"]["throughput"]["jobs_per_s"] = 1020.0
     celery["latency"]["p99_ms"] = 5.3
-    met = report.targets(dispatch, report.ratios(dispatch, celery), ledger, floor)
+    ratios = report.round_ratios(dispatch, celery, ledger, floor)
+    met = report.targets(dispatch, ratios["advantage"], ratios["ledger_ratio"],
+                         ratios["of_bare"])
     assert not met["throughput>=0.75x_bare"] and not met["p99>=1.8x_celery"]
     assert met["p50>=1.8x_celery"]
-    # Without Celery or the floor, their targets are not judged at all.
+    # Without Celery, a ledger or the floor, their targets are not judged at all.
+    assert report.round_ratios(dispatch, None, None, None) == {}
     assert set(report.targets(dispatch, None)) == {"p50_ms<=2.0", "p99_ms<=4",
                                                    "jobs_per_s>=800"}
+
+
+def test_several_rounds_report_the_median_of_each_figure():
+    runs = [{"latency": {"p50_ms": p50, "jobs": 10, "user": "nobody"}, "cpu": None}
+            for p50 in (3.0, 1.0, 2.0)]
+    assert report.median_figures(runs) == {
+        "latency": {"p50_ms": 2.0, "jobs": 10, "user": "nobody"}, "cpu": None}
+    table = report.rounds_table([{"advantage": {"latency_p50": 1.5, "latency_p99": 1.6,
+                                                "throughput": 1.2}, "of_bare": 0.6}, {}])
+    assert "| 1 | 1.5 | 1.6 | 1.2 | - | 0.6 |" in table and "| 2 | - | - | - | - | - |" in table
 
 
 def test_the_bench_measures_dispatch_celery_and_the_floor_and_writes_its_run(vhost_url,
@@ -91,8 +107,8 @@ def test_the_bench_measures_dispatch_celery_and_the_floor_and_writes_its_run(vho
     env = {**os.environ, "DISPATCH_BROKER_URL": vhost_url}
     run = subprocess.run(
         [sys.executable, "-m", "bench", "--latency-jobs", "6", "--warmup", "2",
-         "--throughput-jobs", "12", "--results", str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=220, check=False)
+         "--throughput-jobs", "12", "--rounds", "2", "--results", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "| latency p50 (ms), 1 in flight" in run.stdout
     assert "CPU ms/job, broker" in run.stdout
@@ -124,6 +140,13 @@ def test_the_bench_measures_dispatch_celery_and_the_floor_and_writes_its_run(vho
             "throughput>=0.75x_bare"} <= set(result["targets"])
     assert "with a ledger (claims and events on)" in run.stdout
     assert "| throughput (jobs/s), 2 at once" in run.stdout.split("minimal dispatcher")[1]
+    # Two rounds, in turns: every system measured twice, each round's ratios kept.
+    assert result["rounds"] == 2 and len(result["per_round"]) == 2
+    for ratios in result["per_round"]:
+        assert set(ratios) == {"advantage", "ledger_ratio", "of_bare"}
+    assert {"after_dispatch_1", "after_minimal_1", "after_minimal_2",
+            "after_dispatch_2"} <= set(result["load_average_1_5_15min"])
+    assert "2 rounds (figures above: medians" in run.stdout
 
 
 def _assert_cpu_measured(used: dict[str, float | None]) -> None:
