@@ -176,6 +176,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "of_bare": ratios.get("of_bare"),
         "rounds": args.rounds,
         "per_round": per_round if args.rounds > 1 else None,
+        "per_round_figures": rounds if args.rounds > 1 else None,
         "targets": report.targets(dispatch, advantage, ratios.get("ledger_ratio"),
                                   ratios.get("of_bare")),
     }

@@ -142,6 +142,7 @@ def test_the_bench_measures_dispatch_celery_and_the_floor_and_writes_its_run(vho
     assert "| throughput (jobs/s), 2 at once" in run.stdout.split("minimal dispatcher")[1]
     # Two rounds, in turns: every system measured twice, each round's ratios kept.
     assert result["rounds"] == 2 and len(result["per_round"]) == 2
+    assert [r["dispatch"]["latency"]["jobs"] for r in result["per_round_figures"]] == [6, 6]
     for ratios in result["per_round"]:
         assert set(ratios) == {"advantage", "ledger_ratio", "of_bare"}
     assert {"after_dispatch_1", "after_minimal_1", "after_minimal_2",
