@@ -6,7 +6,6 @@ import io
 import os
 import shutil
 import signal
-import subprocess
 import tempfile
 import threading
 import time
@@ -411,22 +410,6 @@ def test_a_busy_runner_keeps_at_most_max_untidy_directories_and_tidy_removes_the
     runner.cleanup(_Finished(last))  # type: ignore[arg-type]
     runner.close()  # a stopping node leaves none behind
     assert not last.exists()
-
-
-def test_a_starting_runner_removes_job_directories_that_dead_runners_left(tmp_path: Path):
-    root = tmp_path / "root"
-    dead = subprocess.Popen(["true"])  # its pid is free once it has exited
-    dead.wait()
-    left = root / f"job1.{dead.pid:x}-3"
-    (left / "sub").mkdir(parents=True)
-    (left / "sub" / "job.out").write_text("from a node killed mid-job")
-    live = root / f"job2.{os.getpid():x}-1"  # a node sharing the root, still running
-    live.mkdir()
-    own = [root / ".spool", root / "notes"]  # not job directories
-    for path in own:
-        path.mkdir()
-    Runner(root, None)
-    assert not left.exists() and live.exists() and all(p.exists() for p in own)
 
 
 def test_removing_a_job_directory_copes_with_files_made_after_its_listing(tmp_path: Path):

@@ -68,7 +68,6 @@ class Runner:
         self._root_prefix = f"{os.path.abspath(workdir_root)}/"
         self._tag = f"{os.getpid():x}-"
         self._serial = itertools.count(1)
-        _sweep_job_directories(workdir_root)
         self._spawner: Spawner | None = None
         self._spawner_failed = False
         #: Finished jobs' directories (and their listings) not removed yet.
@@ -283,29 +282,6 @@ class Runner:
 def _inside(cgroup: JobCgroup | None, pid: int | None) -> contextlib.AbstractContextManager[None]:
     """Keep ``pid`` (None: this thread) in ``cgroup``, if any, for a spawn."""
     return contextlib.nullcontext() if cgroup is None else cgroup.holding(pid)
-
-
-#: A job directory's name: ``<job id>.<runner pid, hex>-<serial>`` (Runner._new_workdir).
-_JOB_DIRECTORY = re.compile(r".\.[0-9a-f]+-[0-9]+$")
-
-
-def _sweep_job_directories(root: Path) -> None:
-    """Remove the job directories that runners no longer alive left in ``root``.
-
-    A node killed mid-job (or before its idle moment) leaves its jobs' directories; as
-    HTCondor's startd does with its execute directory, the next node on the root
-    removes them. Directories of live runners (another node sharing the root) stay.
-    """
-    swept = 0
-    with contextlib.suppress(OSError), os.scandir(root) as entries:
-        for entry in entries:
-            if (_JOB_DIRECTORY.search(entry.name) and entry.is_dir(follow_symlinks=False)
-                    and not _started_by_a_live_process(entry.name)):
-                shutil.rmtree(entry.path, ignore_errors=True)
-                swept += 1
-    if swept:
-        log.info("removed %d job directories left in %s by nodes no longer running",
-                 swept, root)
 
 
 def _started_by_a_live_process(name: str) -> bool:
