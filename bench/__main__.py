@@ -43,7 +43,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="untimed jobs before each timed phase (default: 50)")
     parser.add_argument("--throughput-jobs", type=int, default=2000,
                         help="jobs in flight at once (default: 2000)")
-    parser.add_argument("--rounds", type=int, default=1,
+    parser.add_argument("--rounds", type=_at_least_one, default=1,
                         help="measure every system this many times, in turns, and report "
                              "medians (default: 1)")
     parser.add_argument("--skip-celery", action="store_true", help="leave Celery out")
@@ -72,6 +72,16 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep-work", action="store_true",
                         help="keep the worker logs and job directories under /var/tmp")
     return parser.parse_args(argv)
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of 1 or more")
+    return value
 
 
 def _counts(text: str) -> list[int]:

@@ -91,6 +91,14 @@ def test_issue_16s_targets_are_ratios_within_one_run():
                                                    "jobs_per_s>=800"}
 
 
+@pytest.mark.parametrize("rounds", ["0", "-2", "two"])
+def test_a_round_count_below_one_is_a_one_line_usage_error(rounds: str):
+    run = subprocess.run([sys.executable, "-m", "bench", "--rounds", rounds], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 2
+    assert f"argument --rounds: {rounds!r}: give a whole number of 1 or more" in run.stderr
+
+
 def test_several_rounds_report_the_median_of_each_figure():
     runs = [{"latency": {"p50_ms": p50, "jobs": 10, "user": "nobody"}, "cpu": None}
             for p50 in (3.0, 1.0, 2.0)]
